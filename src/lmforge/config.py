@@ -20,6 +20,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -335,10 +336,19 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def build(cls: type[T], argv: list[str]) -> T:
-    """Defaults < ``--config file.yaml`` < dotted overrides: the config of one command."""
+def build(
+    cls: type[T],
+    argv: list[str],
+    base: dict[str, Any] | None = None,
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> T:
+    """Defaults < ``base`` < ``--config file.yaml`` < dotted overrides: the config of a command.
+
+    ``resolve`` sees the merged dict before validation, e.g. to fill a section from a named
+    preset underneath what the user set.
+    """
     args = list(argv)
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     while "--config" in args or any(a.startswith("--config=") for a in args):
         for i, a in enumerate(args):
             if a == "--config":
@@ -352,4 +362,84 @@ def build(cls: type[T], argv: list[str]) -> T:
                 del args[i]
                 break
     data = merge(data, parse_overrides(cls, args))
+    if resolve is not None:
+        data = resolve(data)
     return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW and its guard-rails."""
+
+    lr: float = 3e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio (the floor), not at zero."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2 (0.95 rather than 0.999 is steadier for transformers: GPT-3, Llama)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices (ndim >= 2) only, never to norms or biases."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0 or self.eps <= 0:
+            raise ConfigError("optim.weight_decay, grad_clip and warmup_steps must be >= 0, eps > 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The one training loop: how long, how big a batch, how often to log, evaluate and save."""
+
+    max_steps: int = 1000
+    """Number of optimizer steps; the cosine schedule ends here."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (tokens/step = batch_size*grad_accum*seq_len)."""
+    seq_len: int | None = None
+    """Training sequence length; null = the model's block_size."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (0 = none). Reported val loss never uses it."""
+    seed: int = 1337
+    """Seeds model init, data order and dropout: the same seed gives the same run on CPU."""
+    log_every: int = 10
+    """Write train loss, lr and tokens/s to metrics.jsonl every this many steps."""
+    eval_every: int = 100
+    """Evaluate val loss / perplexity / bits-per-byte every this many steps (and at the end)."""
+    eval_tokens: int = 65536
+    """Val tokens per evaluation (a fixed, deterministic slice of the val split)."""
+    save_every: int = 200
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (the best by val loss is always kept)."""
+    threads: int | None = None
+    """CPU threads for torch; null = torch's default."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                     "eval_tokens", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"train.seq_len must be >= 2, got {self.seq_len}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1, got {self.threads}")

@@ -1,1 +1,1 @@
-"""lmforge.eval"""
+"""Evaluation: loss, perplexity and bits per byte for language models."""

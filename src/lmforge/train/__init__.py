@@ -1,1 +1,1 @@
-"""lmforge.train"""
+"""The one training loop, its optimizer and its learning-rate schedule."""

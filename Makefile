@@ -1,0 +1,35 @@
+# lmforge: the two commands a new user needs.
+#   make run   set up .venv, then prepare the default corpus and pretrain + sample a small model
+#   make test  set up the same .venv, then lint, check import layers and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   := data/shakespeare
+STAMP  := $(VENV)/.lmforge-installed
+
+.PHONY: run test setup lint clean
+
+setup: $(STAMP)
+
+# The pinned CPU torch goes in first: lmforge itself declares a torch range, so a GPU user's own
+# torch build is kept, and pip never pulls gigabytes of CUDA wheels on our CPU machines.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	@test -f $(DATA)/manifest.json || $(BIN)/lmforge data prepare --out $(DATA)
+	$(BIN)/lmforge pretrain --data $(DATA) --run shakespeare --overwrite
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,88 @@
+"""Pieces several recipes share: the run folder layout and loading a trained model back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from lmforge.checkpoint import latest_checkpoint, load_model_weights, read_meta
+from lmforge.config import ConfigError, UserError, from_dict, load_yaml
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.infer.generate import generate
+from lmforge.models.decoder import Decoder, DecoderConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with its tokenizer and where it came from."""
+
+    model: Decoder
+    tokenizer: object  # tokenizers.Tokenizer
+    run_dir: Path
+    checkpoint: Path
+    step: int
+
+
+def find_run_dir(path: Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) for a run folder or one of its checkpoint folders."""
+    if not path.exists():
+        raise UserError(f"{path}: no such run or checkpoint; train one with `lmforge pretrain`")
+    if (path / "model.safetensors").is_file():
+        run_dir = path.parent.parent
+        ckpt = path
+    else:
+        run_dir = path
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path}: has no complete checkpoint; is it a run folder "
+                            "(runs/<name>) of a run that saved at least once?")
+        ckpt = found
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: config.yaml is missing, so the model cannot be rebuilt")
+    return run_dir, ckpt
+
+
+def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild a run's model from its config.yaml and load the latest (or given) checkpoint."""
+    run_dir, ckpt = find_run_dir(Path(path))
+    saved = load_yaml(run_dir / "config.yaml")
+    try:
+        mcfg = from_dict(DecoderConfig, saved.get("model", {}), "model")
+    except ConfigError as e:
+        raise UserError(f"{run_dir / 'config.yaml'}: {e}") from None
+    with torch.device("meta"):
+        model = Decoder(mcfg)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten next
+    load_model_weights(ckpt, model)
+    model.eval()
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    step = int(read_meta(ckpt).get("step", 0))
+    return LoadedModel(model, tokenizer, run_dir, ckpt, step)
+
+
+def stream_text(loaded: LoadedModel, prompt: str, console: Console | None, *,
+                max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None, seed: int | None, eos_id: int | None) -> str:
+    """Generate from ``prompt``; print text as it is made (if a console is given); return it."""
+    tok = loaded.tokenizer
+    ids = tok.encode(prompt).ids if prompt else []
+    if not ids and eos_id is not None:
+        ids = [eos_id]  # an empty prompt starts a fresh document, as in training
+    out_ids: list[int] = []
+    shown = ""
+    for token in generate(loaded.model, ids, max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed):
+        out_ids.append(token)
+        text = tok.decode(out_ids)
+        # A byte-level BPE token can end mid-character; wait for the rest of it.
+        if console is not None and not text.endswith("\ufffd"):
+            console.print(text[len(shown):], end="", markup=False, highlight=False, soft_wrap=True)
+            shown = text
+    text = tok.decode(out_ids)
+    if console is not None and len(text) > len(shown):
+        console.print(text[len(shown):], end="", markup=False, highlight=False, soft_wrap=True)
+    return text

@@ -1,0 +1,62 @@
+"""Generate text from a trained run or checkpoint, streaming tokens to the terminal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from lmforge.config import ConfigError
+from lmforge.data.tokenizer import EOS_TOKEN
+from lmforge.recipes.common import load_model, stream_text
+
+EXAMPLES = """
+lmforge generate --run runs/shakespeare --prompt "ROMEO."
+lmforge generate --run runs/shakespeare --prompt "To be" --greedy
+lmforge generate --run runs/shakespeare/checkpoints/step_00000400 --top_p 0.9 --seed 7
+"""
+
+
+@dataclass
+class Config:
+    """Options of `lmforge generate`."""
+
+    run: str = "runs/shakespeare"
+    """A run folder (uses its latest checkpoint) or one checkpoint folder."""
+    prompt: str = ""
+    """Text to continue; empty starts a new document."""
+    max_new_tokens: int = 200
+    """Stop after this many new tokens (or at end-of-text, or at the model's context limit)."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+    greedy: bool = False
+    """Always pick the most likely token (same as --temperature 0)."""
+    top_k: int | None = 50
+    """Sample only among the k most likely tokens; null disables."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p; null disables."""
+    seed: int | None = None
+    """Random seed for sampling; the same seed gives the same text."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 or null, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] or null, got {self.top_p}")
+
+
+def main(cfg: Config) -> int:
+    """Load the model and stream a continuation of the prompt."""
+    console = Console(highlight=False)
+    loaded = load_model(cfg.run)
+    console.print(cfg.prompt, end="", style="bold", markup=False)
+    stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
+                temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, seed=cfg.seed,
+                eos_id=loaded.tokenizer.token_to_id(EOS_TOKEN))
+    console.print()
+    return 0
