@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -26,6 +27,6 @@ def test_cosine_midpoint_and_floor():
 def test_monotone_after_warmup_and_no_warmup_case():
     values = [lr_at(s, 3e-3, 0, 50, 0.0) for s in range(51)]
     assert values[0] == pytest.approx(3e-3)
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     assert values[-1] == 0.0
     assert not any(math.isnan(v) for v in values)
