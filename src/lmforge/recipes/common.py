@@ -30,7 +30,7 @@ def find_run_dir(path: Path) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) for a run folder or one of its checkpoint folders."""
     if not path.exists():
         raise UserError(f"{path}: no such run or checkpoint; train one with `lmforge pretrain`")
-    if (path / "model.safetensors").is_file():
+    if (path / "meta.json").is_file():
         run_dir = path.parent.parent
         ckpt = path
     else:

@@ -201,7 +201,9 @@ def main(cfg: Config) -> int:
         save_checkpoint(run_dir, st, model, optimizer,
                         extra={f"loader.{k}": v for k, v in batches.state_dict().items()},
                         info={"metrics": metrics, "preset": cfg.preset},
-                        keep_last=cfg.train.keep_last)
+                        keep_last=cfg.train.keep_last,
+                        is_best=metrics.get("val_loss") is not None
+                        and metrics["val_loss"] == st.best_val_loss)
         plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                         title=f"{cfg.run} ({cfg.preset})", baseline=baseline)
 
@@ -215,7 +217,7 @@ def main(cfg: Config) -> int:
     except KeyboardInterrupt:
         last = latest_checkpoint(run_dir)
         where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
-        raise UserError(f"interrupted; {where}; continue with the same command and --resume")
+        raise UserError(f"interrupted; {where}; continue with the same command and --resume") from None
     elapsed = time.time() - t0
     final = evaluate(model)
     summary = {"run": cfg.run, "preset": cfg.preset, "params": n_params, "steps": state.step,

@@ -61,7 +61,6 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from ``state.step`` to ``cfg.max_steps``; return the final state."""
     params = [p for p in model.parameters() if p.requires_grad]
-    metrics: dict[str, float] = {}
     t_last, tokens_last = time.perf_counter(), state.tokens
     while state.step < cfg.max_steps:
         # 1. learning rate for this step (a pure function of the step: exact on resume)
@@ -106,6 +105,7 @@ def train(
 
         # 5. evaluate (the recipe decides what that means)
         last = state.step == cfg.max_steps
+        metrics: dict[str, float] = {}  # empty unless evaluated at this very step
         if hooks.evaluate is not None and (state.step % cfg.eval_every == 0 or last):
             metrics = hooks.evaluate(model)
             log.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **metrics})

@@ -1,0 +1,141 @@
+"""Every command end to end on a tiny config, through the real `lmforge` executable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.corpora import pydoc_topics_text
+
+LMFORGE = [sys.executable, "-m", "lmforge.cli"]
+TINY_MODEL = [
+    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "4",
+    "--model.n_kv_head", "2", "--model.block_size", "64",
+]
+
+
+def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([*LMFORGE, *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lmforge: error:")
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus of real English (CPython's documentation topics) and its prepared dataset."""
+    root = tmp_path_factory.mktemp("smoke")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in sorted(pydoc_topics_text().items())[:60]:
+        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
+    proc = lmforge("data", "prepare", str(corpus), "--out", "prepared", "--vocab_size", "512",
+                   cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> Path:
+    proc = lmforge(
+        "pretrain", "--data", "prepared", "--run", "tiny", *TINY_MODEL,
+        "--train.max_steps", "40", "--train.batch_size", "8", "--train.eval_every", "20",
+        "--train.save_every", "20", "--train.eval_tokens", "4096", "--optim.warmup_steps", "5",
+        "--optim.lr", "1e-2", "--sample_tokens", "8", cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return workdir / "runs" / "tiny"
+
+
+def test_data_prepare_writes_shards_manifest_and_report(workdir: Path):
+    out = workdir / "prepared"
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "tokenizer.json").is_file()
+    assert manifest["vocab_size"] <= 512
+    for split in ("train", "val"):
+        files = manifest["splits"][split]["shards"]
+        assert files and all((out / f["file"]).is_file() for f in files)
+    assert report["documents"]["kept"] == 60 or report["documents"]["kept"] > 0
+
+
+def test_pretrain_writes_a_complete_run_and_learns(trained: Path):
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.json",
+                 "latest"):
+        assert (trained / name).is_file(), name
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((trained / "summary.json").read_text())
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    assert len(evals) == 2 and evals[-1] < evals[0]
+    assert summary["val_loss"] < math.log(512)  # better than a uniform guess over the vocab
+    assert summary["val_bpb"] > 0 and summary["unigram_baseline_loss"] > 0
+    assert summary["steps"] == 40
+
+
+def test_generate_is_reproducible_with_a_seed(trained: Path, workdir: Path):
+    args = ("generate", "--run", str(trained), "--prompt", "The ", "--max_new_tokens", "12",
+            "--seed", "3")
+    a, b = lmforge(*args, cwd=workdir), lmforge(*args, cwd=workdir)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("The ")
+    greedy = lmforge("generate", "--run", str(trained), "--prompt", "The ", "--greedy",
+                     "--max_new_tokens", "12", cwd=workdir)
+    assert greedy.returncode == 0 and greedy.stdout.startswith("The ")
+
+
+def test_env_reports_versions(workdir: Path):
+    proc = lmforge("env", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["torch"] and info["attention_backends"]["math"] is True
+    assert any(x["package"] == "tokenizers" and x["version"] for x in info["extras"])
+
+
+def test_help_lists_every_option_with_its_doc(workdir: Path):
+    proc = lmforge("pretrain", "--help", cwd=workdir)
+    assert proc.returncode == 0
+    assert "--optim.warmup_steps" in proc.stdout and "Linear warmup" in proc.stdout
+    assert "--model.n_kv_head" in proc.stdout
+    top = lmforge("--help", cwd=workdir)
+    assert all(c in top.stdout for c in ("data prepare", "pretrain", "generate", "env"))
+
+
+def test_user_mistakes_are_one_line_exit_2_and_leave_nothing(workdir: Path, tmp_path: Path):
+    assert_user_error(lmforge("pretrain", "--data", "nowhere", "--run", "x", cwd=tmp_path),
+                      "nowhere")
+    assert_user_error(lmforge("pretrain", "--data", str(workdir / "prepared"), "--run", "x",
+                              "--optim.lr", "fast", cwd=tmp_path), "--optim.lr")
+    assert_user_error(lmforge("pretrain", "--data", str(workdir / "prepared"), "--run", "x",
+                              "--model.n_layr", "2", cwd=tmp_path), "did you mean")
+    assert_user_error(lmforge("pretrain", "--data", str(workdir / "prepared"), "--preset",
+                              "llama-7b", cwd=tmp_path), "llama-7b")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_user_error(lmforge("data", "prepare", str(empty), "--out", "d", cwd=tmp_path))
+    assert_user_error(lmforge("data", "prepare", "missing.txt", "--out", "d", cwd=tmp_path),
+                      "missing.txt")
+    assert_user_error(lmforge("generate", "--run", "runs/none", cwd=tmp_path), "runs/none")
+    assert_user_error(lmforge("frobnicate", cwd=tmp_path), "frobnicate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing half-written
+
+
+def test_existing_run_is_not_clobbered(trained: Path, workdir: Path):
+    proc = lmforge("pretrain", "--data", "prepared", "--run", "tiny", *TINY_MODEL, cwd=workdir)
+    assert_user_error(proc, "already exists", "--resume")
+    assert (trained / "summary.json").is_file()
