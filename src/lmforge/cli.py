@@ -24,8 +24,15 @@ COMMANDS: dict[str, str] = {
 
 
 def _summary(module_path: str) -> str:
-    module = importlib.import_module(module_path)
-    return (module.__doc__ or "").strip().splitlines()[0]
+    """First docstring line of a recipe, read without importing it (so no torch import)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module_path)
+    assert spec is not None and spec.origin is not None
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def _usage() -> str:
