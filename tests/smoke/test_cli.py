@@ -71,7 +71,9 @@ def test_data_prepare_writes_shards_manifest_and_report(workdir: Path):
     for split in ("train", "val"):
         files = manifest["splits"][split]["shards"]
         assert files and all((out / f["file"]).is_file() for f in files)
-    assert report["documents"]["kept"] == 60 or report["documents"]["kept"] > 0
+    assert report["documents_read"] == 60
+    assert report["documents_kept"] + report["duplicates"] + report["empty"] == 60
+    assert sum(b["count"] for b in report["histogram"]) == report["documents_kept"]
 
 
 def test_pretrain_writes_a_complete_run_and_learns(trained: Path):

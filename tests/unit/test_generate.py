@@ -1,0 +1,135 @@
+"""Generation with the KV cache against a naive loop that re-runs the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.config import UserError
+from lmforge.infer.generate import generate, generate_batch
+from lmforge.models.decoder import Decoder, DecoderConfig, KVCache
+
+
+def model_for(**kw: object) -> Decoder:
+    # init_std 0.2, larger than usual, spreads the logits so greedy ties cannot occur.
+    base: dict[str, object] = dict(
+        vocab_size=53, block_size=24, n_layer=2, n_head=4, n_embd=32, init_std=0.2
+    )
+    base.update(kw)
+    model = Decoder(DecoderConfig(**base))  # type: ignore[arg-type]
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+@torch.no_grad()
+def naive_greedy(model: Decoder, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def run(gen: object) -> tuple[list[int], str]:
+    """Drain a generate() generator: (tokens, finish reason)."""
+    out: list[int] = []
+
+    def drain() -> object:
+        return (yield from gen)  # type: ignore[misc]
+
+    it = drain()
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration as stop:
+            return out, stop.value
+
+
+@pytest.mark.parametrize("kw", [{"n_kv_head": 2}, {"pos": "learned", "mlp": "gelu", "bias": True}])
+def test_greedy_generate_equals_naive_loop(kw: dict[str, object]) -> None:
+    model = model_for(**kw)
+    prompt = [5, 17, 3, 40, 9]
+    got, reason = run(generate(model, prompt, 12, temperature=0.0))
+    assert got == naive_greedy(model, prompt, 12)
+    assert reason == "length"
+
+
+def test_prompt_truncated_from_the_left_to_fit_context() -> None:
+    model = model_for()  # block_size 24
+    prompt = list(range(1, 31))  # 30 tokens
+    got, _ = run(generate(model, prompt, 6, temperature=0.0))
+    # 6 new tokens need 5 fed positions: 19 prompt tokens fit.
+    assert got == naive_greedy(model, prompt[-19:], 6)
+
+
+def test_stops_when_context_is_full() -> None:
+    model = model_for()
+    got, reason = run(generate(model, [1, 2], 100, temperature=0.0))
+    assert len(got) == 24  # one prompt token kept + 23 fed back = 24 positions
+    assert reason == "length"
+    assert got == naive_greedy(model, [2], 24)
+
+
+def test_stops_at_eos_without_yielding_it() -> None:
+    model = model_for()
+    prompt = [7, 8, 9]
+    expected = naive_greedy(model, prompt, 8)
+    eos = expected[3]
+    first = expected.index(eos)
+    got, reason = run(generate(model, prompt, 8, temperature=0.0, eos_id=eos))
+    assert got == expected[:first]
+    assert reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    model = model_for()
+    a = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_p=0.95, seed=11))
+    b = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_p=0.95, seed=11))
+    c = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_p=0.95, seed=12))
+    assert a == b and len(a) == 15
+    assert a != c
+
+
+def test_inference_mode_does_not_leak_between_yields() -> None:
+    model = model_for()
+    gen = generate(model, [1, 2], 3, temperature=0.0)
+    next(gen)
+    assert not torch.is_inference_mode_enabled()
+    assert torch.is_grad_enabled()
+    gen.close()
+
+
+def test_cache_allocated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = model_for()
+    calls: list[tuple[int, int | None]] = []
+    original = model.new_cache
+
+    def counting(batch: int, max_len: int | None = None) -> KVCache:
+        calls.append((batch, max_len))
+        return original(batch, max_len)
+
+    monkeypatch.setattr(model, "new_cache", counting)
+    list(generate(model, [1, 2, 3], 10, temperature=0.0))
+    assert calls == [(1, 12)]  # 3 prompt + 9 fed-back tokens
+
+
+def test_misuse_is_rejected() -> None:
+    model = model_for()
+    with pytest.raises(UserError, match="prompt"):
+        list(generate(model, [], 3))
+    with pytest.raises(UserError, match="temperature"):
+        list(generate(model, [1], 3, temperature=-1.0))
+    assert list(generate(model, [1], 0)) == []
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        list(generate(model.train(), [1], 3))
+
+
+def test_generate_batch_equals_single_generation() -> None:
+    model = model_for(n_kv_head=1)
+    prompts = [[1, 2, 3, 4], [9, 9, 9, 9], [50, 0, 13, 7]]
+    singles = [naive_greedy(model, p, 7) for p in prompts]
+    assert generate_batch(model, prompts, 7, temperature=0.0) == singles
+    eos = singles[0][2]
+    cut = generate_batch(model, prompts, 7, temperature=0.0, eos_id=eos)
+    assert cut == [s[: s.index(eos)] if eos in s else s for s in singles]
+    with pytest.raises(UserError, match="same length"):
+        generate_batch(model, [[1, 2], [3]], 2)
