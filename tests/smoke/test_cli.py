@@ -4,50 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from lmforge.data.corpora import pydoc_topics_text
-
-LMFORGE = [sys.executable, "-m", "lmforge.cli"]
-TINY_MODEL = [
-    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "4",
-    "--model.n_kv_head", "2", "--model.block_size", "64",
-]
-
-
-def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([*LMFORGE, *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lmforge: error:")
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A corpus of real English (CPython's documentation topics) and its prepared dataset."""
-    root = tmp_path_factory.mktemp("smoke")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_topics_text().items())[:60]:
-        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
-    proc = lmforge("data", "prepare", str(corpus), "--out", "prepared", "--vocab_size", "512",
-                   cwd=root)
-    assert proc.returncode == 0, proc.stderr
-    return root
+from tests.smoke.helpers import TINY_MODEL, assert_user_error, lmforge
 
 
 @pytest.fixture(scope="module")
