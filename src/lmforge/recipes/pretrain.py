@@ -49,7 +49,7 @@ from lmforge.utils.logging import RunLogger, read_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
 
-DEFAULT_PRESET = "llama-6m"
+DEFAULT_PRESET = "llama-1m"
 
 EXAMPLES = """
 lmforge pretrain --data data/shakespeare --run shakespeare
