@@ -432,6 +432,19 @@ class TrainConfig:
     """Keep this many most recent checkpoints (the best by val loss is always kept)."""
     threads: int | None = None
     """CPU threads for torch; null = torch's default."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass: bf16 (GPUs since Ampere, recent CPUs), fp16 (with a
+    gradient scaler) or fp32. Weights and optimizer states stay fp32."""
+    compile: bool = False
+    """torch.compile each block (checkpoints keep the uncompiled names)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward: less memory, ~1 extra forward per step."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is NaN/inf is skipped; stop after this many in a row."""
+    spike_factor: float = 3.0
+    """Warn when a step's loss exceeds this multiple of the running average (0 disables)."""
+    early_stop_patience: int | None = None
+    """Stop when val loss has not improved for this many evaluations; null = never."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -442,5 +455,26 @@ class TrainConfig:
             raise ConfigError(f"train.seq_len must be >= 2, got {self.seq_len}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ConfigError("train.early_stop_patience must be >= 1 or null")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {self.threads}")
+
+
+@dataclasses.dataclass
+class DistConfig:
+    """Multi-GPU / multi-node training through torchrun (PyTorch's own distributed engine)."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """auto = ddp when launched by torchrun with several processes, else none. fsdp shards
+    parameters, gradients and optimizer states (FSDP2, fully_shard)."""
+    reshard_after_forward: bool = True
+    """FSDP only: true = ZeRO-3 (free gathered parameters after forward); false = ZeRO-2-like
+    (keep them until backward: faster, more memory)."""
+    cpu_offload: bool = False
+    """FSDP only: keep parameters, gradients and optimizer states in CPU memory (ZeRO-Offload),
+    for models larger than GPU memory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""

@@ -11,20 +11,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.checkpoint import TrainState
 from lmforge.config import OptimConfig, TrainConfig, UserError
+from lmforge.parallel import autocast, grad_sync
 from lmforge.train.schedule import lr_at
+from lmforge.utils.dist import DistInfo, all_reduce_mean, all_reduce_sum
 from lmforge.utils.logging import RunLogger
 
-Batch = tuple[Tensor, Tensor]
-LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Batch = tuple[Any, Tensor]
+LossFn = Callable[[nn.Module, Any, Tensor], Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[TrainState, dict[str, float]], None]
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite steps in a row: the run cannot go on as configured."""
 
 
 @dataclass
@@ -33,6 +40,18 @@ class LoopHooks:
 
     evaluate: EvalFn | None = None
     save: SaveFn | None = None
+
+
+@dataclass
+class Runtime:
+    """Where and how the loop runs: device, ranks, precision, and the numbers behind MFU."""
+
+    dist: DistInfo = field(default_factory=DistInfo)
+    scaler: torch.amp.GradScaler | None = None
+    flops_per_token: float | None = None
+    """Training FLOPs per token (6N + attention) of the model, for MFU."""
+    peak_flops: float | None = None
+    """Peak dense FLOP/s of one device at the training precision; None = MFU not reported."""
 
 
 def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -48,6 +67,24 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
+def _to(x: Any, device: str) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -58,10 +95,14 @@ def train(
     state: TrainState,
     log: RunLogger,
     hooks: LoopHooks,
+    rt: Runtime | None = None,
 ) -> TrainState:
     """Run optimizer steps from ``state.step`` to ``cfg.max_steps``; return the final state."""
+    rt = rt or Runtime()
+    device = rt.dist.device
     params = [p for p in model.parameters() if p.requires_grad]
     t_last, tokens_last = time.perf_counter(), state.tokens
+    bad_streak, loss_avg, stale_evals = 0, None, 0
     while state.step < cfg.max_steps:
         # 1. learning rate for this step (a pure function of the step: exact on resume)
         lr = lr_at(state.step, optim_cfg.lr, optim_cfg.warmup_steps, cfg.max_steps,
@@ -69,41 +110,70 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-        # 2. micro-steps: forward and backward, loss scaled so gradients average over them
+        # 2. micro-steps: forward and backward; gradients are synchronized across ranks only on
+        #    the last one, and the loss is scaled so they average over micro-steps
         model.train()
-        loss_sum = torch.zeros(())
-        step_tokens = 0
-        for _ in range(cfg.grad_accum):
+        loss_sum = torch.zeros((), device=device)
+        step_tokens = torch.zeros((), dtype=torch.long, device=device)
+        for micro in range(cfg.grad_accum):
             x, y = next(batches)
-            loss = loss_fn(model, x, y)
-            (loss / cfg.grad_accum).backward()
+            x, y = _to(x, device), _to(y, device)
+            with grad_sync(model, micro == cfg.grad_accum - 1), autocast(cfg.precision, device):
+                loss = loss_fn(model, x, y)
+            scaled = loss / cfg.grad_accum
+            (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
             loss_sum += loss.detach()
-            step_tokens += int((y != -100).sum())
-        loss_value = float(loss_sum) / cfg.grad_accum
-        if not math.isfinite(loss_value):
-            raise UserError(
-                f"training diverged at step {state.step}: loss is {loss_value}; "
-                "lower --optim.lr or raise --optim.warmup_steps"
-            )
+            step_tokens += (y != -100).sum()
+        loss_value = float(all_reduce_mean(loss_sum, rt.dist)) / cfg.grad_accum
+        tokens_all = int(all_reduce_sum(step_tokens, rt.dist))
 
-        # 3. clip, step, zero
+        # 3. clip, step, zero — or skip a step whose loss or gradients are not finite
+        if rt.scaler:
+            rt.scaler.unscale_(optimizer)
         max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if rt.scaler:
+            rt.scaler.step(optimizer)  # skips the update itself on inf/NaN gradients
+            rt.scaler.update()
+        elif finite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens += step_tokens
+        state.tokens += tokens_all
+        if not finite:
+            bad_streak += 1
+            log.log({"kind": "skip", "step": state.step, "loss": loss_value,
+                     "grad_norm": grad_norm})
+            log.info(f"step {state.step}: non-finite loss/gradient ({loss_value}, {grad_norm}); "
+                     f"step skipped ({bad_streak} in a row)")
+            if bad_streak >= cfg.max_bad_steps and not rt.scaler:
+                raise TrainingDiverged(
+                    f"training diverged: {bad_streak} steps in a row with a non-finite loss or "
+                    f"gradient (last at step {state.step}); lower --optim.lr, raise "
+                    "--optim.warmup_steps or use --train.precision fp32")
+        else:
+            bad_streak = 0
+            if loss_avg is not None and cfg.spike_factor and loss_value > cfg.spike_factor * loss_avg:
+                log.info(f"step {state.step}: loss spike {loss_value:.3f} "
+                         f"(running average {loss_avg:.3f})")
+            loss_avg = loss_value if loss_avg is None else 0.95 * loss_avg + 0.05 * loss_value
 
-        # 4. log
+        # 4. log: loss, lr, gradient norm, throughput, MFU and peak memory
         now = time.perf_counter()
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             tok_s = (state.tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, state.tokens
-            log.log({"kind": "train", "step": state.step, "tokens": state.tokens,
-                     "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s})
+            record = {"kind": "train", "step": state.step, "tokens": state.tokens,
+                      "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s,
+                      "peak_mem_mb": _peak_memory_mb(device)}
+            if rt.flops_per_token and rt.peak_flops:
+                record["mfu"] = tok_s * rt.flops_per_token / (rt.peak_flops * rt.dist.world_size)
+            log.log(record)
             log.progress(state.step, loss=loss_value, lr=lr, tok_s=round(tok_s))
 
-        # 5. evaluate (the recipe decides what that means)
+        # 5. evaluate (the recipe decides what that means); early stop on patience
         last = state.step == cfg.max_steps
         metrics: dict[str, float] = {}  # empty unless evaluated at this very step
         if hooks.evaluate is not None and (state.step % cfg.eval_every == 0 or last):
@@ -113,9 +183,16 @@ def train(
                 f"{k} {v:.4f}" for k, v in metrics.items()))
             val = metrics.get("val_loss")
             if val is not None and (state.best_val_loss is None or val < state.best_val_loss):
-                state.best_val_loss = val
+                state.best_val_loss, stale_evals = val, 0
+            elif val is not None:
+                stale_evals += 1
+        stop = cfg.early_stop_patience is not None and stale_evals >= cfg.early_stop_patience
 
         # 6. save
-        if hooks.save is not None and (state.step % cfg.save_every == 0 or last):
+        if hooks.save is not None and (state.step % cfg.save_every == 0 or last or stop):
             hooks.save(state, metrics)
+        if stop:
+            log.info(f"early stop at step {state.step}: val loss has not improved for "
+                     f"{stale_evals} evaluations (best {state.best_val_loss:.4f})")
+            break
     return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from lmforge.utils.trackers import Tracker
 
 
 def _fmt(v: Any) -> str:
@@ -38,8 +41,11 @@ class RunLogger:
     """
 
     def __init__(self, path: Path | None, total_steps: int, console: Console,
-                 start_step: int = 0) -> None:
-        self.path = path
+                 start_step: int = 0, enabled: bool = True,
+                 trackers: Sequence[Tracker] = ()) -> None:
+        self.path = path if enabled else None
+        self.trackers = list(trackers) if enabled else []
+        self.enabled = enabled  # False on ranks other than 0: they compute, rank 0 reports
         self.console = console
         self._progress = Progress(
             TextColumn("[bold]train"),
@@ -61,13 +67,16 @@ class RunLogger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        self._progress.start()
+        if self.enabled:
+            self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
         if self._file is not None:
             self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (with wall time) to metrics.jsonl."""
@@ -77,6 +86,8 @@ class RunLogger:
         if self._file is not None:
             self._file.write(json.dumps(clean) + "\n")
             self._file.flush()
+        for tracker in self.trackers:
+            tracker.log(clean)
 
     def progress(self, step: int, **fields: Any) -> None:
         """Move the bar to ``step`` and show ``fields`` beside it."""
@@ -85,7 +96,8 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         """Print one line above the progress bar."""
-        self._progress.console.print(message)
+        if self.enabled:
+            self._progress.console.print(message)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

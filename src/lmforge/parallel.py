@@ -1,0 +1,133 @@
+"""Efficiency and distribution, applied to a built model from outside.
+
+The model files know nothing of any of this. A recipe applies these functions in this order
+(the torchtitan order, and the only one that composes):
+
+1. ``apply_ac``      activation checkpointing per block (recompute in backward, save memory);
+2. ``apply_compile`` ``torch.compile`` per block — after AC so the checkpointed region is what
+   gets compiled, and per block so recompiles stay small (every block has the same graph);
+3. ``apply_fsdp`` or ``apply_ddp`` — last, because both wrap or shard the parameters the
+   previous steps already see.
+
+Checkpoint keys never change: AC and compile are applied in place (``Module.compile`` keeps
+names, unlike ``torch.compile(model)`` which adds ``_orig_mod.``), FSDP2 keeps names, and DDP's
+``module.`` prefix is removed by ``checkpoint.unwrap_model`` when saving.
+
+Sharding strategies in DeepSpeed ZeRO terms:
+
+- ``fsdp`` with ``reshard_after_forward=True``: parameters, gradients and optimizer states are
+  all sharded — ZeRO stage 3;
+- ``fsdp`` with ``reshard_after_forward=False``: parameters stay gathered between forward and
+  backward (no second all-gather), gradients and optimizer states sharded — like ZeRO stage 2;
+- ``cpu_offload=True``: parameters, gradients and optimizer states live in CPU memory and the
+  optimizer steps on the CPU — ZeRO-Offload / ZeRO-Infinity (CPU) for models larger than GPU
+  memory;
+- ``ddp``: everything replicated, gradients all-reduced — ZeRO stage 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks: every lmforge model exposes them as ``.blocks``."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no .blocks ModuleList to wrap")
+    return blocks
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them.
+
+    Non-reentrant checkpointing (the PyTorch recommendation): works with kwargs, with
+    ``torch.compile`` and with FSDP2. Costs about one extra forward per step.
+    """
+    for block in _blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (``Module.compile``: state-dict names are unchanged)."""
+    for block in _blocks(model):
+        block.compile()
+
+
+def apply_ddp(model: nn.Module, device: str) -> nn.Module:
+    """Replicate the model on every rank; gradients are all-reduced in backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def apply_fsdp(model: nn.Module, precision: Precision, reshard_after_forward: bool = True,
+               cpu_offload: bool = False) -> nn.Module:
+    """Shard parameters, gradients and optimizer states over ranks with FSDP2 (``fully_shard``).
+
+    Each block is its own unit so only one block's full parameters exist at a time; the root
+    call covers embeddings, final norm and head. Under bf16/fp16 the parameters are gathered in
+    that dtype while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else None
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in _blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip gradient synchronization on all but the last micro-step of an accumulation.
+
+    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync(False)`` (gradients then stay
+    unsharded and are reduce-scattered once, on the last micro-step).
+    """
+    if enabled:
+        yield
+        return
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def autocast(precision: Precision, device: str) -> contextlib.AbstractContextManager:
+    """The autocast region for the forward pass (fp32 = no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(precision: Precision, device: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
