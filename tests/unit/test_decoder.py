@@ -45,6 +45,8 @@ VARIANTS = {
     "learned-gqa": tiny(pos="learned", n_kv_head=2),
     "sinusoidal-mha": tiny(pos="sinusoidal"),
     "gpt2": gpt2_tiny(),
+    "qwen2": tiny(n_kv_head=2, qkv_bias=True),
+    "mistral": tiny(n_kv_head=2, sliding_window=5),
 }
 
 
@@ -65,7 +67,7 @@ def test_future_token_never_changes_past_logits(name: str) -> None:
     assert (a[:, t:] - b[:, t:]).abs().amax() > 1e-3  # the change itself is visible
 
 
-@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "sinusoidal-mha", "gpt2"])
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "sinusoidal-mha", "gpt2", "mistral"])
 def test_kv_cache_one_token_steps_match_full_forward(name: str) -> None:
     model = build(VARIANTS[name])
     idx = torch.randint(0, 67, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -78,7 +80,7 @@ def test_kv_cache_one_token_steps_match_full_forward(name: str) -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "rope-mqa"])
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "rope-mqa", "mistral"])
 def test_kv_cache_multi_token_chunks_match_full_forward(name: str) -> None:
     model = build(VARIANTS[name])
     idx = torch.randint(0, 67, (2, 30), generator=torch.Generator().manual_seed(3))
@@ -87,6 +89,42 @@ def test_kv_cache_multi_token_chunks_match_full_forward(name: str) -> None:
         cache = model.new_cache(batch=2, max_len=30)
         chunks = [model(idx[:, a:b], cache) for a, b in [(0, 7), (7, 8), (8, 19), (19, 30)]]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_sliding_window_hides_exactly_the_keys_outside_it() -> None:
+    # Query i sees keys i-w+1 .. i (w = 5): changing token t moves logits t .. t+w-1 only.
+    model = build(VARIANTS["mistral"]).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # one layer of reach: with 2 layers it would spread to 2w-2
+            block.attn.o_proj.weight.zero_()
+        model.blocks[0].attn.o_proj.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 67, (1, 24), generator=torch.Generator().manual_seed(5))
+    t = 6
+    changed = idx.clone()
+    changed[0, t] = (idx[0, t] + 1) % 67
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+        diff = (a - b).abs().amax(-1)[0]  # (T,)
+    # The token at t itself also flows through the residual stream, so it always differs.
+    assert torch.all(diff[t : t + 5] > 1e-4)
+    assert torch.all(diff[t + 5 :] < 1e-6) and torch.all(diff[:t] < 1e-6)
+    full = build(tiny(n_kv_head=2), seed=0)
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (full(idx) - full(changed)).abs().amax(-1)[0, t + 5 :].min() > 1e-4
+
+
+def test_sliding_window_mask_matches_brute_force() -> None:
+    from lmforge.models.decoder import _causal_mask
+
+    for past, T in [(0, 9), (4, 5), (7, 1), (0, 3), (2, 2)]:
+        mask = _causal_mask(T, past, 4, torch.device("cpu"))
+        want = torch.tensor([[past + q - 4 < k <= past + q for k in range(past + T)]
+                             for q in range(T)])
+        if mask is None:  # allowed only when nothing is hidden beyond plain causality
+            assert past + T <= 4 and (past == 0 or T == 1)
+        else:
+            assert torch.equal(mask, want), (past, T)
 
 
 def test_kv_cache_reset_reuses_buffers() -> None:
@@ -215,6 +253,8 @@ def test_weight_names() -> None:
         gpt2_tiny(bias=False),
         tiny(bias=True, intermediate_size=50),
         tiny(norm="layernorm", pos="sinusoidal", mlp="gelu"),
+        tiny(n_kv_head=2, qkv_bias=True),
+        tiny(qkv_bias=True, bias=True, sliding_window=4),
     ],
 )
 def test_count_params_matches_built_model(cfg: DecoderConfig) -> None:
@@ -306,6 +346,7 @@ def test_sinusoid_table_matches_vaswani() -> None:
         ({"mlp": "relu"}, "mlp"),
         ({"norm_eps": 0.0}, "norm_eps"),
         ({"intermediate_size": 0}, "intermediate_size"),
+        ({"sliding_window": 0}, "sliding_window"),
     ],
 )
 def test_config_errors_name_the_field(changes: dict[str, object], field: str) -> None:

@@ -6,7 +6,8 @@ and finally ``Decoder`` with ``init_weights()``, the one place initialization ha
 
 The family differences are config fields, not subclasses:
 GPT-2 = LayerNorm + learned positions + GELU MLP + biases; Llama = RMSNorm + RoPE + SwiGLU,
-no biases, optional grouped-query attention (``n_kv_head < n_head``).
+no biases, optional grouped-query attention (``n_kv_head < n_head``). Two small fields cover
+the Llama relatives: Qwen2 (``qkv_bias``) and Mistral (``sliding_window``).
 
 Shapes: B batch, T new tokens, S attended positions (cache length + T), C = n_embd,
 H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
@@ -58,6 +59,10 @@ class DecoderConfig:
     """MLP type: gelu (GPT-2, two matrices) or swiglu (Llama, three matrices)."""
     bias: bool = False
     """Add biases to linear layers and LayerNorm (GPT-2 style)."""
+    qkv_bias: bool = False
+    """Add biases to the q/k/v projections only (Qwen2 style); implied by bias."""
+    sliding_window: int | None = None
+    """Each token attends to itself and the sliding_window-1 tokens before it (Mistral); null = all."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output head (saves vocab_size*n_embd parameters)."""
     dropout: float = 0.0
@@ -69,7 +74,7 @@ class DecoderConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        for name in ("intermediate_size", "n_kv_head"):
+        for name in ("intermediate_size", "n_kv_head", "sliding_window"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be positive or null, got {value}")
@@ -137,9 +142,10 @@ def count_params(cfg: DecoderConfig) -> int:
     """Parameter count of ``Decoder(cfg)`` predicted from the config alone (tied weights once)."""
     c, d, f, v = cfg.n_embd, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
     b = 1 if cfg.bias else 0
+    qb = 1 if cfg.bias or cfg.qkv_bias else 0
     kv = cfg.kv_heads * d
     norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    attn = (c * c + b * c) * 2 + (c * kv + b * kv) * 2  # q, o and k, v
+    attn = (c * c + qb * c) + (c * c + b * c) + (c * kv + qb * kv) * 2  # q, o, then k and v
     if cfg.mlp == "swiglu":
         mlp = 2 * (c * f + b * f) + (f * c + b * c)
     else:
@@ -254,9 +260,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         c, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(c, c, bias=cfg.bias)
-        self.k_proj = nn.Linear(c, kv, bias=cfg.bias)
-        self.v_proj = nn.Linear(c, kv, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(c, c, bias=qkv_bias)
+        self.k_proj = nn.Linear(c, kv, bias=qkv_bias)
+        self.v_proj = nn.Linear(c, kv, bias=qkv_bias)
         self.o_proj = nn.Linear(c, c, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -275,12 +282,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
+        mask = _causal_mask(T, past, self.cfg.sliding_window, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=_causal_mask(T, past, x.device),
-            is_causal=past == 0 and T > 1,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,  # no mask and T > 1 means a fresh prefill
             dropout_p=self.cfg.dropout if self.training else 0.0,
             # Instead of repeat_interleave-ing k, v to H heads. Measured on 2 CPU cores,
             # torch 2.13, B16 T256: identical output, SDPA fwd+bwd 12-20% faster, llama-1m
@@ -291,16 +299,23 @@ class Attention(nn.Module):
         return self.resid_drop(self.o_proj(y))
 
 
-def _causal_mask(T: int, past: int, device: torch.device) -> Tensor | None:
+def _causal_mask(T: int, past: int, window: int | None, device: torch.device) -> Tensor | None:
     """Boolean (T, past+T) mask letting query i see keys 0..past+i, or None when not needed.
 
     SDPA's ``is_causal`` aligns the triangle to the top-left corner, which is wrong once there
     are cached keys (query 0 must see all ``past`` of them), so chunks after a prefill need an
-    explicit bottom-right-aligned mask. A single new token may see everything.
+    explicit bottom-right-aligned mask. A single new token may see everything. A sliding
+    ``window`` also hides keys window or more positions back (HF Mistral: j > i - window);
+    the cache still holds them, which wastes memory but keeps one cache layout for all models.
     """
-    if past == 0 or T == 1:
-        return None
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    n_keys = past + T
+    if window is None or n_keys <= window:  # the window cuts nothing off
+        if past == 0 or T == 1:
+            return None
+        return torch.ones(T, n_keys, dtype=torch.bool, device=device).tril(diagonal=past)
+    i = torch.arange(past, n_keys, device=device)[:, None]  # (T, 1) absolute query positions
+    j = torch.arange(n_keys, device=device)[None, :]  # (1, S) key positions
+    return (j <= i) & (j > i - window)  # (T, S)
 
 
 class MLP(nn.Module):

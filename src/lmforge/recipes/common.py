@@ -10,7 +10,7 @@ from rich.console import Console
 
 from lmforge.checkpoint import latest_checkpoint, load_model_weights, read_meta
 from lmforge.config import ConfigError, UserError, from_dict, load_yaml
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer
 from lmforge.infer.generate import generate
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -24,6 +24,8 @@ class LoadedModel:
     run_dir: Path
     checkpoint: Path
     step: int
+    eos_id: int | None = None
+    """Token that ends a text: config.yaml's eos_id (imported models), else <|endoftext|>."""
 
 
 def find_run_dir(path: Path) -> tuple[Path, Path]:
@@ -61,7 +63,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     step = int(read_meta(ckpt).get("step", 0))
-    return LoadedModel(model, tokenizer, run_dir, ckpt, step)
+    eos_id = saved["eos_id"] if "eos_id" in saved else tokenizer.token_to_id(EOS_TOKEN)
+    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
+        raise UserError(f"{run_dir / 'config.yaml'}: eos_id must be a token id or null")
+    return LoadedModel(model, tokenizer, run_dir, ckpt, step, eos_id)
 
 
 def stream_text(loaded: LoadedModel, prompt: str, console: Console | None, *,

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from lmforge.config import ConfigError
-from lmforge.data.tokenizer import EOS_TOKEN
 from lmforge.recipes.common import load_model, stream_text
 
 EXAMPLES = """
@@ -57,6 +56,6 @@ def main(cfg: Config) -> int:
     stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,
                 top_p=cfg.top_p, seed=cfg.seed,
-                eos_id=loaded.tokenizer.token_to_id(EOS_TOKEN))
+                eos_id=loaded.eos_id)
     console.print()
     return 0

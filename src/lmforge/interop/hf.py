@@ -1,0 +1,546 @@
+"""Hugging Face model folders in and out, for the decoder family.
+
+A Hugging Face causal-LM folder is ``config.json`` + safetensors weights (one file, or shards
+with ``model.safetensors.index.json``) + tokenizer files. Four architectures map onto our
+``DecoderConfig`` exactly, so a round trip changes no number:
+
+=====================  ==================================================================
+LlamaForCausalLM       rope + rmsnorm + swiglu, optional GQA, attention_bias/mlp_bias = bias
+Qwen2ForCausalLM       the same with biases on q/k/v only (``qkv_bias``)
+MistralForCausalLM     the same with a ``sliding_window``
+GPT2LMHeadModel        learned positions + layernorm + tanh-GELU MLP + biases
+=====================  ==================================================================
+
+Reading uses only safetensors and json (never a pickle). transformers is imported only by
+``load_back_check``, inside the function, so this module stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lmforge.config import ConfigError, UserError
+from lmforge.models.decoder import Decoder, DecoderConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+# Tokenizer companions kept verbatim through import and export (special tokens, chat template).
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# architecture -> (model_type, tensor-naming family)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", "llama"),
+    "Qwen2ForCausalLM": ("qwen2", "llama"),
+    "MistralForCausalLM": ("mistral", "llama"),
+    "GPT2LMHeadModel": ("gpt2", "gpt2"),
+}
+# Values transformers assumes when config.json leaves a key out (its config-class defaults).
+_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False},
+}
+# Buffers some older files carry that hold nothing learned (causal masks, rotary frequencies).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _need(hf: dict[str, Any], key: str, where: str) -> Any:
+    if key not in hf:
+        raise UserError(f"{where}: has no '{key}'; is it the config.json of a causal LM?")
+    return hf[key]
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """The plain-RoPE base of a v4 (rope_theta/rope_scaling) or v5 (rope_parameters) config."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+    if kind != "default":
+        raise UserError(
+            f"{where}: rope scaling type '{kind}' is not supported (lmforge implements plain "
+            "RoPE only); import a model without rope_scaling"
+        )
+    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: str) -> int | None:
+    """One window for every layer (Mistral), or per-layer Qwen2 settings that amount to one."""
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return window
+    if model_type != "qwen2":
+        return None
+    types = hf.get("layer_types")
+    if types is None:  # transformers v4: layers from max_window_layers on slide
+        slide = bool(hf.get("use_sliding_window")) and window is not None
+        first = hf.get("max_window_layers", 28)
+        types = ["sliding_attention" if slide and i >= first else "full" for i in range(n_layer)]
+    kinds = {"sliding" if t == "sliding_attention" else "full" for t in types}
+    if kinds == {"full"}:
+        return None
+    if kinds == {"sliding"} and window is not None:
+        return window
+    raise UserError(
+        f"{where}: layer_types mixes sliding-window and full-attention layers; lmforge uses "
+        "one sliding_window for every layer"
+    )
+
+
+def _llama_like_config(hf: dict[str, Any], model_type: str, where: str) -> DecoderConfig:
+    """Llama, Qwen2 and Mistral configs -> DecoderConfig."""
+    d = {**_DEFAULTS[model_type], **hf}
+    c, heads = _need(d, "hidden_size", where), _need(d, "num_attention_heads", where)
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"{where}: hidden_act '{act}' is not supported; lmforge's SwiGLU uses silu")
+    head_dim = d.get("head_dim") or c // heads
+    if head_dim * heads != c:
+        raise UserError(f"{where}: head_dim {head_dim} x num_attention_heads {heads} != "
+                        f"hidden_size {c}; lmforge needs head_dim = hidden_size / heads")
+    bias = bool(d.get("attention_bias", False))
+    if bias != bool(d.get("mlp_bias", False)):
+        raise UserError(f"{where}: attention_bias and mlp_bias differ; lmforge's bias covers "
+                        "both (set them equal)")
+    kv = d.get("num_key_value_heads") or heads
+    n_layer = _need(d, "num_hidden_layers", where)
+    return DecoderConfig(
+        vocab_size=_need(d, "vocab_size", where), block_size=d["max_position_embeddings"],
+        n_layer=n_layer, n_head=heads, n_kv_head=None if kv == heads else kv, n_embd=c,
+        intermediate_size=_need(d, "intermediate_size", where), norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=_rope_theta(d, where), mlp="swiglu",
+        bias=bias, qkv_bias=model_type == "qwen2",
+        sliding_window=_sliding_window(d, model_type, n_layer, where),
+        tie_embeddings=bool(d["tie_word_embeddings"]), dropout=0.0,
+        init_std=d.get("initializer_range", 0.02),
+    )
+
+
+def _gpt2_config(hf: dict[str, Any], where: str) -> DecoderConfig:
+    """GPT-2 config -> DecoderConfig (tanh GELU, learned positions, biases everywhere)."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{where}: activation_function '{act}' is not supported; lmforge's "
+                        "GPT-2 MLP uses the tanh GELU (gelu_new)")
+    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                    ("scale_attn_weights", True)):
+        if hf.get(key, ok) != ok:
+            raise UserError(f"{where}: {key}={hf[key]} is not supported (lmforge needs {ok})")
+    return DecoderConfig(
+        vocab_size=_need(hf, "vocab_size", where),
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=_need(hf, "n_layer", where), n_head=_need(hf, "n_head", where),
+        n_embd=_need(hf, "n_embd", where), intermediate_size=hf.get("n_inner"),
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos="learned",
+        mlp="gelu", bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        dropout=0.0, init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def decoder_config_from_hf(hf: dict[str, Any], where: str) -> tuple[DecoderConfig, str]:
+    """(our config, architecture) for a Hugging Face config.json dict read from ``where``."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if len(archs) == 1 else None
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"{where}: architecture {archs or hf.get('model_type')} is not supported; "
+            f"lmforge imports {', '.join(ARCHITECTURES)}"
+        )
+    model_type = ARCHITECTURES[arch][0]
+    try:
+        if model_type == "gpt2":
+            return _gpt2_config(hf, where), arch
+        return _llama_like_config(hf, model_type, where), arch
+    except ConfigError as e:  # e.g. a head count that does not divide the width
+        raise UserError(f"{where}: {e}") from None
+
+
+def export_architecture(cfg: DecoderConfig) -> str:
+    """The Hugging Face architecture that computes exactly what ``cfg`` does, or UserError."""
+    style = (cfg.pos, cfg.norm, cfg.mlp)
+    if style == ("learned", "layernorm", "gelu"):
+        if not cfg.bias:
+            raise UserError("model.bias: GPT2LMHeadModel has biases everywhere; a GPT-2 style "
+                            "model exports only with bias=true")
+        for name, bad in (("n_kv_head", cfg.kv_heads != cfg.n_head),
+                          ("sliding_window", cfg.sliding_window is not None)):
+            if bad:
+                raise UserError(f"model.{name}: GPT2LMHeadModel has no equivalent of "
+                                f"{name}={getattr(cfg, name)}; use null to export")
+        return "GPT2LMHeadModel"
+    if style != ("rope", "rmsnorm", "swiglu"):
+        raise UserError(
+            f"model.pos/norm/mlp: {'/'.join(style)} has no Hugging Face equivalent; the hf "
+            "format needs rope/rmsnorm/swiglu (Llama family) or learned/layernorm/gelu (GPT-2)"
+        )
+    if cfg.bias and cfg.sliding_window is not None:
+        raise UserError("model.sliding_window: no Hugging Face architecture has a sliding "
+                        "window and biases on every linear layer (bias=true)")
+    if cfg.bias:
+        return "LlamaForCausalLM"  # attention_bias = mlp_bias = true
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
+
+
+def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+    """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read)."""
+    arch = export_architecture(cfg)
+    common = {"architectures": [arch], "model_type": ARCHITECTURES[arch][0],
+              "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "initializer_range": cfg.init_std, "bos_token_id": bos_id, "eos_token_id": eos_id}
+    if arch == "GPT2LMHeadModel":
+        return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ffn_dim,
+                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    out = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+           "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_dropout": 0.0}
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif arch == "MistralForCausalLM":
+        out.update(sliding_window=cfg.sliding_window)
+    else:  # Qwen2: max_window_layers=0 makes every layer slide when the window is on
+        out.update(use_sliding_window=cfg.sliding_window is not None,
+                   sliding_window=cfg.sliding_window, max_window_layers=0)
+    return out
+
+
+# --------------------------------------------------------------------------- tensor names
+
+
+@dataclass(frozen=True)
+class Link:
+    """Where one of our tensors lives in a Hugging Face state dict."""
+
+    ours: str
+    theirs: str
+    transpose: bool = False  # GPT-2's Conv1D stores (in, out), nn.Linear (out, in)
+    part: int | None = None  # index into GPT-2's fused c_attn = cat(q, k, v) along our dim 0
+
+
+_LLAMA_NAMES = {"tok_emb": "model.embed_tokens", "blocks": "model.layers",
+                "attn_norm": "input_layernorm", "attn": "self_attn",
+                "mlp_norm": "post_attention_layernorm", "norm_f": "model.norm"}
+_GPT2_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe",
+               "blocks": "transformer.h", "attn_norm": "ln_1", "mlp_norm": "ln_2",
+               "q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "c_proj",
+               "fc_in": "c_fc", "fc_out": "c_proj", "norm_f": "transformer.ln_f"}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def weight_links(model: Decoder, arch: str) -> list[Link]:
+    """One link per tensor of ``model`` (a tied head is the embedding's; it has none)."""
+    gpt2 = ARCHITECTURES[arch][1] == "gpt2"
+    names = _GPT2_NAMES if gpt2 else _LLAMA_NAMES
+    links = []
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        parts = key.split(".")
+        theirs = ".".join(names.get(p, p) for p in parts)
+        in_block = gpt2 and parts[0] == "blocks"
+        part = _QKV.get(parts[-2]) if in_block else None
+        links.append(Link(key, theirs, transpose=in_block and t.ndim == 2, part=part))
+    return links
+
+
+def _their_shape(link: Link, ours: torch.Size) -> tuple[int, ...]:
+    shape = list(ours)
+    if link.part is not None:
+        shape[0] *= len(_QKV)
+    return tuple(reversed(shape)) if link.transpose else tuple(shape)
+
+
+def _to_ours(link: Link, t: Tensor) -> Tensor:
+    if link.transpose:
+        t = t.T
+    return t.chunk(len(_QKV), dim=0)[link.part] if link.part is not None else t
+
+
+# --------------------------------------------------------------------------- reading a folder
+
+
+def resolve_source(src: str) -> Path:
+    """A local model folder as given, or a Hub name downloaded (online) into the HF cache."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{src}: is a file; pass the model folder that holds {CONFIG_FILE}")
+    if not _HUB_NAME.fullmatch(src):
+        raise UserError(f"{src}: no such folder; pass a local Hugging Face model folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{src}: no such folder; to download it from the Hugging Face Hub, "
+                        "pip install huggingface_hub") from None
+    try:
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+        return Path(snapshot_download(src, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated, network: all the same to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{src}: no such folder, and the Hugging Face Hub download failed "
+                        f"({reason}); check the name and the network, or pass a local folder"
+                        ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line UserError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; a Hugging Face model folder needs it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a JSON object")
+    return data
+
+
+class SafetensorsFolder:
+    """Tensors of a folder's model.safetensors (or its shards), read one at a time (mmap)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / INDEX_FILE
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: has no 'weight_map' object")
+            files = {k: folder / v for k, v in weight_map.items()}
+        elif (folder / WEIGHTS_FILE).is_file():
+            files = dict.fromkeys(self._open(folder / WEIGHTS_FILE).keys(), folder / WEIGHTS_FILE)
+        else:
+            pickles = sorted(p.name for p in folder.glob("*.bin"))
+            hint = (f"it has only pickle weights ({pickles[0]}), which lmforge never loads; "
+                    "re-save them with save_pretrained(dir, safe_serialization=True)"
+                    if pickles else f"it has no {WEIGHTS_FILE} or {INDEX_FILE}")
+            raise UserError(f"{folder}: {hint}")
+        self.files = files
+        self._handles: dict[Path, Any] = {}
+
+    @staticmethod
+    def _open(path: Path) -> Any:
+        try:
+            return safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{path}: cannot read it as safetensors ({e})") from None
+
+    def get(self, key: str) -> Tensor:
+        """The tensor ``key``, from whichever file holds it."""
+        path = self.files[key]
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        return self._handles[path].get_tensor(key)
+
+
+def _canonical(keys: list[str], gpt2: bool) -> dict[str, str]:
+    """Canonical name -> name in the file. OpenAI's GPT-2 files lack the 'transformer.' prefix."""
+    if not gpt2:
+        return {k: k for k in keys}
+    return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": k
+            for k in keys}
+
+
+def load_hf_model(folder: Path, dtype: torch.dtype | None = None) -> tuple[Decoder, str]:
+    """(our model holding a Hugging Face folder's weights, its architecture), in eval mode.
+
+    ``dtype`` None keeps the precision of the file. Every tensor is overwritten by the file, so
+    the model is materialized without the (slow, pointless) random init.
+    """
+    where = folder / CONFIG_FILE
+    cfg, arch = decoder_config_from_hf(read_json(where), str(where))
+    weights = SafetensorsFolder(folder)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.to_empty(device="cpu")  # also computes the rotary tables (Decoder._apply)
+    if dtype is None and weights.files:
+        dtype = weights.get(next(iter(weights.files))).dtype
+    model.to(dtype or torch.float32)
+    load_weights(model, arch, weights, folder)
+    return model.eval(), arch
+
+
+def load_weights(model: Decoder, arch: str, weights: SafetensorsFolder, folder: Path) -> None:
+    """Copy a folder's tensors into ``model``; UserError naming the tensor on any mismatch."""
+    names = _canonical(list(weights.files), ARCHITECTURES[arch][1] == "gpt2")
+    state, used = model.state_dict(), set()
+    hint = f"do {CONFIG_FILE} and the weights in {folder} belong together?"
+    for link in weight_links(model, arch):
+        if link.theirs not in names:
+            raise UserError(f"{folder}: tensor {link.theirs} is missing; {hint}")
+        t = weights.get(names[link.theirs])
+        want = _their_shape(link, state[link.ours].shape)
+        if tuple(t.shape) != want:
+            raise UserError(f"{folder}: tensor {link.theirs} has shape {tuple(t.shape)} but "
+                            f"{CONFIG_FILE} implies {want}; {hint}")
+        with torch.no_grad():
+            state[link.ours].copy_(_to_ours(link, t))
+        used.add(link.theirs)
+    # A tied model's file may still hold a copy of the head; anything else unread is suspect.
+    extra = [k for k in names if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+             and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if extra:
+        raise UserError(f"{folder}: tensor {extra[0]} is not used by a {arch} with this "
+                        f"{CONFIG_FILE}; {hint}")
+
+
+def special_token_id(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> int | None:
+    """``bos``/``eos`` id: generation_config.json (what HF generate uses), config.json, then
+    tokenizer_config.json's token looked up in ``tokenizer``.
+
+    A list (several stop tokens) gives its first id: lmforge stops on one token.
+    """
+    gen, side = folder / GENERATION_FILE, folder / "tokenizer_config.json"
+    for source in ([read_json(gen)] if gen.is_file() else []) + [hf]:
+        value = source.get(f"{name}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    token = read_json(side).get(f"{name}_token") if side.is_file() else None
+    token = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+def copy_tokenizer(folder: Path, out: Path) -> None:
+    """tokenizer.json (+ side files) into ``out``; GPT-2 style vocab.json/merges.txt converted."""
+    if (folder / TOKENIZER_FILE).is_file():
+        shutil.copyfile(folder / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        _bpe_from_vocab(folder).save(str(out / TOKENIZER_FILE))
+    else:
+        raise UserError(
+            f"{folder}: has no {TOKENIZER_FILE} (or vocab.json + merges.txt); write one with "
+            f"transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+        )
+    for name in TOKENIZER_SIDE_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+
+
+def _bpe_from_vocab(folder: Path) -> Any:
+    """A byte-level BPE tokenizer (GPT-2's scheme) from vocab.json + merges.txt."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    try:
+        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise UserError(f"{folder}: vocab.json/merges.txt are not a BPE vocabulary ({e})") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    side = folder / "tokenizer_config.json"
+    config = read_json(side) if side.is_file() else {}
+    specials = []
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        if isinstance(content, str) and tok.token_to_id(content) is not None:
+            specials.append(AddedToken(content, special=True, normalized=False))
+    tok.add_special_tokens(specials)  # so "<|endoftext|>" in text encodes to its one id
+    return tok
+
+
+# --------------------------------------------------------------------------- export
+
+
+def hf_state_dict(model: Decoder, arch: str) -> dict[str, Tensor]:
+    """Our weights under Hugging Face names and layouts (contiguous CPU tensors)."""
+    groups: dict[str, list[Link]] = {}
+    for link in weight_links(model, arch):
+        groups.setdefault(link.theirs, []).append(link)
+    state, out = model.state_dict(), {}
+    for theirs, links in groups.items():
+        links.sort(key=lambda link: link.part or 0)
+        parts = [state[link.ours] for link in links]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # GPT-2: c_attn = cat(q, k, v)
+        out[theirs] = (t.T if links[0].transpose else t).detach().cpu().contiguous()
+    return out
+
+
+def write_hf_folder(model: Decoder, run_dir: Path, out: Path, *, bos_id: int | None,
+                    eos_id: int | None, dtype: torch.dtype) -> str:
+    """Write config.json, weights, generation and tokenizer files to ``out``; the architecture."""
+    config = hf_config(model.cfg, bos_id, eos_id)
+    arch = config["architectures"][0]
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tensors = {k: t.to(dtype) for k, t in hf_state_dict(model, arch).items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    (out / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    for name in TOKENIZER_SIDE_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        _write_tokenizer_config(out, model.cfg.block_size, eos_id)
+    return arch
+
+
+def _write_tokenizer_config(out: Path, max_length: int, eos_id: int | None) -> None:
+    """A minimal tokenizer_config.json so AutoTokenizer loads tokenizer.json as a fast tokenizer."""
+    from tokenizers import Tokenizer
+
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                              "model_max_length": max_length,
+                              "clean_up_tokenization_spaces": False}
+    if eos_id is not None:
+        config["eos_token"] = Tokenizer.from_file(str(out / TOKENIZER_FILE)).id_to_token(eos_id)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                               encoding="utf-8")
+
+
+def _check_ids(vocab_size: int, length: int) -> Tensor:
+    """Fixed pseudo-random token ids (2, length) for comparing two implementations."""
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+def load_back_check(model: Decoder, folder: Path, dtype: torch.dtype) -> float:
+    """Load ``folder`` with transformers and return max |Δlogits| against ``model``, in fp32.
+
+    ``model`` is rounded in place to the written ``dtype`` (and kept in fp32), so both sides
+    hold the same numbers. UserError when transformers reports missing/unexpected/mismatched
+    keys: the check then compares nothing, and an output it cannot load is no export.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise UserError("the hf export checks its output with transformers; "
+                        "pip install transformers") from None
+    hf_logging.disable_progress_bar()  # a bar per load is noise in a one-line report
+    try:
+        theirs, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    for kind, keys in info.items():
+        if keys:
+            raise UserError(f"{folder}: transformers reports {kind} {sorted(map(str, keys))[:3]}; "
+                            "the export does not load cleanly (please report this)")
+    model.to(dtype).float()
+    idx = _check_ids(model.cfg.vocab_size, min(model.cfg.block_size, 64))
+    with torch.no_grad():
+        diff = (model.eval()(idx) - theirs.eval()(idx).logits).abs().max().item()
+    return diff
