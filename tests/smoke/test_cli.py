@@ -102,3 +102,14 @@ def test_existing_run_is_not_clobbered(trained: Path, workdir: Path):
     proc = lmforge("pretrain", "--data", "prepared", "--run", "tiny", *TINY_MODEL, cwd=workdir)
     assert_user_error(proc, "already exists", "--resume")
     assert (trained / "summary.json").is_file()
+
+
+def test_runs_lists_the_finished_run_and_shows_its_curves(trained: Path, workdir: Path):
+    proc = lmforge("runs", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny" in proc.stdout and "finished" in proc.stdout
+    (trained / "loss.png").unlink()
+    shown = lmforge("runs", "--show", "tiny", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert (trained / "loss.png").is_file()
+    assert_user_error(lmforge("runs", "--show", "nope", cwd=workdir), "nope")
