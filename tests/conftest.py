@@ -1,4 +1,4 @@
-"""Shared fixture for the smoke tests: a real-English corpus, prepared once per session."""
+"""Shared fixture for the smoke, dist and serve tests: a real-English corpus, prepared once per session."""
 
 from __future__ import annotations
 
