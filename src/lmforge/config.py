@@ -445,6 +445,12 @@ class TrainConfig:
     """Warn when a step's loss exceeds this multiple of the running average (0 disables)."""
     early_stop_patience: int | None = None
     """Stop when val loss has not improved for this many evaluations; null = never."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the training precision (e.g. 989 for an H100 in bf16),
+    to log MFU = achieved / peak FLOPs; null = MFU not logged."""
+    trackers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: tensorboard (event files in the run folder), wandb, mlflow; [] = only
+    metrics.jsonl."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",

@@ -131,3 +131,54 @@ def grad_scaler(precision: Precision, device: str) -> torch.amp.GradScaler | Non
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(device).type)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True when ``fully_shard`` was applied to ``model`` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def export_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      plain_model: nn.Module, plain_optimizer: torch.optim.Optimizer) -> None:
+    """Copy a sharded model's and optimizer's full state into plain single-process twins.
+
+    Collective: every rank must call it. Checkpoints are then written from the twins on rank 0
+    in the ordinary single-process format, so they load into one process or any world size.
+    (``torch.distributed.checkpoint`` would write shards in parallel, but its metadata file is a
+    pickle, and lmforge never asks users to unpickle files; for models that do not fit one
+    host's CPU memory that trade-off has to be revisited.)
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    # cpu_offload: the full state is gathered into rank 0's CPU memory only; others get {}.
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=full)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=full)
+    if model_sd:
+        set_model_state_dict(plain_model, model_sd)
+        set_optimizer_state_dict(plain_model, plain_optimizer, optim_state_dict=optim_sd)
+
+
+def import_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      plain_model: nn.Module, plain_optimizer: torch.optim.Optimizer) -> None:
+    """The reverse of ``export_full_state``: shard a loaded single-process state onto ranks."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, get_model_state_dict(plain_model), options=full)
+    optim_sd = get_optimizer_state_dict(plain_model, plain_optimizer)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=full)

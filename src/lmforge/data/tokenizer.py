@@ -79,3 +79,22 @@ def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
 def vocab_size_of(tok: Tokenizer) -> int:
     """One more than the largest id (added tokens included): the embedding rows a model needs."""
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def with_special_tokens(tok: Tokenizer, names: Iterable[str]) -> tuple[Tokenizer, dict[str, int]]:
+    """A copy of ``tok`` that has every special token in ``names``, and their ids.
+
+    Tokens it already has keep their ids; missing ones are appended after the largest id, so
+    the ids of every existing token (and so any prepared token shards) stay valid: a model
+    just needs ``vocab_size_of`` the returned tokenizer rows. ``tok`` itself is not changed.
+    """
+    out = Tokenizer.from_str(tok.to_str())
+    missing = [n for n in names if out.token_to_id(n) is None]
+    if missing:
+        out.add_special_tokens(missing)
+    return out, {n: out.token_to_id(n) for n in names}
+
+
+def special_token_ids(tok: Tokenizer) -> list[int]:
+    """Ids of every special token of ``tok`` (EOS, [CLS], [MASK], ...), sorted."""
+    return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)

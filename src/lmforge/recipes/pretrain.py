@@ -1,25 +1,38 @@
-"""Pretrain a decoder language model from scratch on a prepared dataset.
+"""Pretrain a model from scratch: a decoder (clm), an encoder (mlm) or an encoder-decoder (seq2seq).
 
-Builds the model from a named preset (overridable field by field with --model.*), trains it with
-AdamW + warmup/cosine through the one training loop, evaluates val loss / perplexity / bits per
-byte, saves checkpoints, metrics.jsonl and a loss-curve PNG under runs/<run>/, and ends by
-printing samples and the val loss next to the unigram baseline of the same data.
+Builds the model from a named preset (overridable field by field with --model.* for decoders,
+--encoder.* for encoders, --seq2seq.* for encoder-decoders), trains it with AdamW +
+warmup/cosine through the one training loop, evaluates on held-out data, saves checkpoints,
+metrics.jsonl and a loss-curve PNG under runs/<run>/, and ends with a report.
+
+--objective clm (default): next-token prediction on a prepared dataset (`lmforge data prepare`);
+val loss / perplexity / bits per byte, then samples. mlm: BERT's masked-token prediction on
+the same kind of dataset; the tokenizer gains [PAD] [CLS] [SEP] [MASK] if it lacks them (new ids
+after the existing ones, so the prepared shards stay valid); val loss and accuracy on masked
+tokens with fixed masks. seq2seq: teacher-forced source -> target on a pairs folder
+(`lmforge data synth`); val loss, token accuracy and greedy exact match on held-out pairs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
+import yaml
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from tokenizers import Tokenizer
+from torch import Tensor, nn
 
 from lmforge.checkpoint import (
     TrainState,
@@ -29,68 +42,131 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import (
     ConfigError,
+    DistConfig,
     OptimConfig,
     TrainConfig,
     UserError,
     load_yaml,
     merge,
-    save_yaml,
     to_dict,
 )
 from lmforge.data.loader import RandomBatches, TokenDataset, eval_batches, unigram_baseline
+from lmforge.data.mlm import (
+    MLM_SPECIAL_TOKENS,
+    MaskedBatches,
+    Masker,
+    MaskingConfig,
+    MlmVocab,
+    masked_eval_batches,
+)
+from lmforge.data.pairs import (
+    BOS_TOKEN,
+    PAD_TOKEN,
+    SEQ2SEQ_SPECIAL_TOKENS,
+    PairBatches,
+    PairIds,
+    encode_pairs,
+    pair_eval_batches,
+    pairs_folder,
+    read_pairs,
+)
+from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer, vocab_size_of, with_special_tokens
 from lmforge.eval.lm import make_lm_evaluator
+from lmforge.infer.seq2seq_generate import generate_seq2seq
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.registry import preset, preset_names
+from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
+from lmforge.models.registry import Family, preset, preset_names
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from lmforge.parallel import (
+    apply_ac,
+    apply_compile,
+    apply_ddp,
+    apply_fsdp,
+    export_full_state,
+    grad_scaler,
+    import_full_state,
+    is_fsdp,
+)
+from lmforge.plan import TrainSettings
 from lmforge.recipes.common import LoadedModel, stream_text
-from lmforge.train.loop import LoopHooks, causal_lm_loss, train
+from lmforge.train.loop import LoopHooks, LossFn, Runtime, causal_lm_loss, train
+from lmforge.train.oom import oom_report
 from lmforge.train.optim import build_optimizer
+from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
 from lmforge.utils.io import atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
+from lmforge.utils.trackers import make_trackers
 
-DEFAULT_PRESET = "llama-1m"
+Objective = Literal["clm", "mlm", "seq2seq"]
+OBJECTIVES: tuple[Objective, ...] = ("clm", "mlm", "seq2seq")
+# The model section each objective reads; the other two must be left alone.
+SECTIONS = ("model", "encoder", "seq2seq")
+# Val masks are the same for every run (whatever --train.seed), so runs compare on equal terms.
+VAL_MASK_SEED = 0
 
 EXAMPLES = """
 lmforge pretrain --data data/shakespeare --run shakespeare
 lmforge pretrain --data data/shakespeare --run small --preset llama-1m --train.max_steps 500
 lmforge pretrain --run shakespeare --resume            # continue from the latest checkpoint
 lmforge pretrain --config runs/shakespeare/config.yaml --run again   # reproduce a run
+lmforge pretrain --objective mlm --preset bert-mini --data data/shakespeare --run bert
+lmforge data synth --task reverse --out data/reverse
+lmforge pretrain --objective seq2seq --data data/reverse --run reverse
 """
 
-DEFAULTS_NOTE = {"model": "from --preset"}
+DEFAULTS_NOTE = {"model": "from --preset", "encoder": "from --preset", "seq2seq": "from --preset"}
+
+
+def _family(objective: str) -> tuple[Family, str, str]:
+    """(model family, its config section, its default preset) for an objective."""
+    return {
+        "clm": ("decoder", "model", "llama-1m"),
+        "mlm": ("encoder", "encoder", "bert-mini"),
+        "seq2seq": ("seq2seq", "seq2seq", "transformer-tiny"),
+    }[objective]  # type: ignore[return-value]
 
 
 @dataclass
 class Config:
     """Options of `lmforge pretrain`."""
 
+    objective: Objective = "clm"
+    """What to learn: clm = next token (decoder), mlm = masked tokens (BERT encoder), seq2seq = source -> target pairs (encoder-decoder)."""
     data: str = "data/shakespeare"
-    """Prepared dataset folder (the output of `lmforge data prepare`)."""
+    """clm/mlm: a prepared dataset folder (`lmforge data prepare`); seq2seq: a pairs folder with train.jsonl, val.jsonl, tokenizer.json (`lmforge data synth`)."""
     run: str = "shakespeare"
     """Run name: config, metrics, checkpoints and plots go to <runs_dir>/<run>/."""
     runs_dir: str = "runs"
     """Folder that holds all runs."""
-    preset: str = DEFAULT_PRESET
-    """Named model preset; --model.* options override single fields of it. Presets: llama-1m,
-    llama-6m, llama-15m, gpt2-124m (see the README)."""
+    preset: str | None = None
+    """Named model preset of the objective's family; null = llama-1m (clm), bert-mini (mlm), transformer-tiny (seq2seq). Decoders: llama-1m, llama-6m, llama-15m, gpt2-124m; encoders: bert-tiny, bert-mini, bert-small, bert-base; encoder-decoders: transformer-tiny, transformer-small, transformer-base."""
     model: DecoderConfig = field(default_factory=DecoderConfig)
-    """Model architecture (filled from --preset)."""
+    """Decoder architecture for --objective clm (filled from --preset)."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Encoder architecture for --objective mlm (filled from --preset)."""
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    """Encoder-decoder architecture for --objective seq2seq (filled from --preset)."""
+    mlm: MaskingConfig = field(default_factory=MaskingConfig)
+    """Masking of --objective mlm."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed training under torchrun (DDP or FSDP2)."""
     resume: bool = False
     """Continue an existing run from its latest checkpoint: weights, optimizer, schedule, data
     position and RNG, so the result is the same as an uninterrupted run."""
     overwrite: bool = False
     """Delete an existing run of the same name and start over."""
     samples: list[str] = field(default_factory=lambda: ["ROMEO.\n", "To be, or not to be"])
-    """Prompts to sample from at the end of training (comma-separated on the command line)."""
+    """clm: prompts to sample from at the end of training (comma-separated on the command line)."""
     sample_tokens: int = 120
-    """Tokens generated per end-of-run sample."""
+    """clm: tokens generated per end-of-run sample."""
     temperature: float = 0.8
-    """Sampling temperature of the end-of-run samples."""
+    """clm: sampling temperature of the end-of-run samples."""
 
     def __post_init__(self) -> None:
         if not self.run or "/" in self.run or self.run.startswith("."):
@@ -100,14 +176,328 @@ class Config:
         if self.sample_tokens < 0 or self.temperature < 0:
             raise ConfigError("sample_tokens and temperature must be >= 0")
 
+    @property
+    def section(self) -> str:
+        """The name of the model section this objective uses."""
+        return _family(self.objective)[1]
+
+    @property
+    def model_cfg(self) -> DecoderConfig | EncoderConfig | Seq2SeqConfig:
+        """The architecture this objective trains."""
+        return getattr(self, self.section)
+
 
 def resolve(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill the model section from the preset, underneath what the user set."""
-    name = data.get("preset", DEFAULT_PRESET)
+    """Fill the objective's model section from the preset, underneath what the user set."""
+    objective = data.get("objective", "clm")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective: must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    family, section, default = _family(objective)
+    for other in (*SECTIONS, "mlm"):
+        if other not in _used_sections(objective) and data.get(other):
+            raise ConfigError(f"{other}.*: options of a section that --objective {objective} "
+                              f"does not use; its model options are --{section}.*")
+    name = data.get("preset") or default
     if not isinstance(name, str):
-        raise ConfigError(f"preset: must be a name, one of {', '.join(preset_names())}")
-    base = to_dict(preset(name))
-    return {**data, "model": merge(base, data.get("model") or {})}
+        raise ConfigError(f"preset: must be a name, one of {', '.join(preset_names(family))}")
+    base = to_dict(preset(name, family))
+    return {**data, "preset": name, section: merge(base, data.get(section) or {})}
+
+
+def _used_sections(objective: str) -> set[str]:
+    return {_family(objective)[1], *(["mlm"] if objective == "mlm" else [])}
+
+
+def saved_config(cfg: Config) -> dict[str, Any]:
+    """The config to write beside the run: without the sections its objective does not use."""
+    unused = {*SECTIONS, "mlm"} - _used_sections(cfg.objective)
+    return {k: v for k, v in to_dict(cfg).items() if k not in unused}
+
+
+# --------------------------------------------------------------------------- what an objective brings
+
+
+class Batches(Protocol):
+    """A resumable stream of training batches."""
+
+    def __next__(self) -> tuple[Any, Tensor]: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None: ...
+
+
+@dataclass
+class Task:
+    """Everything that differs between objectives; the rest of ``main`` is shared."""
+
+    model: nn.Module
+    batches: Batches
+    loss_fn: LossFn
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    tokenizer: Tokenizer
+    describe: str  # one line: architecture and data
+    baseline: float | None  # unigram loss of the data (clm, mlm), drawn on the loss plot
+    report: Callable[[Console, dict[str, Any]], dict[str, Any]]  # end-of-run metrics + print
+
+
+def build_model(cls: Callable[[Any], nn.Module], mcfg: Any, gen: torch.Generator) -> nn.Module:
+    """Build on the meta device (no memory, no wasted init), then materialize and init once."""
+    with torch.device("meta"):
+        model = cls(mcfg)
+    model.to_empty(device="cpu")
+    model.init_weights(gen)  # type: ignore[operator]
+    return model
+
+
+def _forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """The model on a batch input: one tensor, or a tuple of positional arguments."""
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def token_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy over labelled positions (-100 = none) for models returning (B, T, V)."""
+
+    def loss_fn(model: nn.Module, x: Any, y: Tensor) -> Tensor:
+        logits = _forward(model, x)  # (B, T, V)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                           ignore_index=-100, label_smoothing=label_smoothing)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def token_metrics(model: nn.Module, batches: Iterable[tuple[Any, Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy, perplexity and argmax accuracy over the labelled positions."""
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = _forward(model, x)  # (B, T, V)
+        total += float(nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                   ignore_index=-100, reduction="sum"))
+        labelled = y != -100
+        correct += int(((logits.argmax(dim=-1) == y) & labelled).sum())
+        count += int(labelled.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no labelled tokens to evaluate")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_accuracy": correct / count}
+
+
+def _seq_len(cfg: Config, block_size: int, least: int) -> int:
+    seq_len = cfg.train.seq_len or block_size
+    if seq_len > block_size:
+        raise ConfigError(f"train.seq_len {seq_len} exceeds {cfg.section}.block_size {block_size}")
+    if seq_len < least:
+        raise ConfigError(f"train.seq_len: must be at least {least} for --objective "
+                          f"{cfg.objective}, got {seq_len}")
+    return seq_len
+
+
+def _check_data(ds: TokenDataset, window: int, cfg: Config) -> None:
+    for split in ("train", "val"):
+        n = ds.num_tokens(split)
+        if n < window + 1:
+            raise UserError(f"{cfg.data}: the {split} split has {n} tokens, fewer than one "
+                            f"sequence of {window + 1}; lower --train.seq_len or add data")
+
+
+# --------------------------------------------------------------------------- clm
+
+
+def clm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+    """Next-token prediction with a decoder on a prepared token dataset."""
+    ds = TokenDataset.open(cfg.data)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    seq_len = _seq_len(cfg, mcfg.block_size, 2)
+    _check_data(ds, seq_len, cfg)
+    model = build_model(Decoder, mcfg, gen)
+    assert isinstance(model, Decoder)
+    tc = cfg.train
+    batches = RandomBatches(ds.split("train"), tc.batch_size, seq_len, tc.seed,
+                            rank=info.rank, world_size=info.world_size)
+    evaluate = make_lm_evaluator(
+        lambda: eval_batches(ds.split("val"), tc.batch_size, seq_len, tc.eval_tokens),
+        ds.bytes_per_token("val"),
+    )
+    tokens = tc.batch_size * tc.grad_accum * seq_len * info.world_size
+    describe = (f"{cfg.preset} decoder, {model.num_params() / 1e6:.2f}M parameters "
+                f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocab "
+                f"{mcfg.vocab_size}, context {seq_len}; {tc.max_steps} steps x {tokens} tokens "
+                f"= {tc.max_steps * tokens / 1e6:.1f}M tokens "
+                f"(train split: {ds.num_tokens('train') / 1e6:.2f}M)")
+    baseline = unigram_baseline(ds.split("train"), ds.split("val"), ds.vocab_size)
+    tok = load_tokenizer(ds.tokenizer_path)
+
+    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
+        final = evaluate(model)
+        _clm_report(console, cfg, model, tok, ds, {**summary, **final}, baseline)
+        return final
+
+    return cfg, Task(model, batches, causal_lm_loss(tc.label_smoothing), evaluate, tok,
+                     describe, baseline, report)
+
+
+def _clm_report(console: Console, cfg: Config, model: Decoder, tok: Tokenizer,
+                ds: TokenDataset, summary: dict[str, Any], baseline: float) -> None:
+    loaded = LoadedModel(model.eval(), tok, Path(cfg.runs_dir) / cfg.run, Path(),
+                         summary["steps"])
+    for i, prompt in enumerate(cfg.samples):
+        text = stream_text(loaded, prompt, None, max_new_tokens=cfg.sample_tokens,
+                           temperature=cfg.temperature, top_k=50, top_p=None,
+                           seed=cfg.train.seed + i, eos_id=ds.eos_id)
+        console.print(Panel(prompt + text, title=f"sample {i + 1}: {prompt.strip()!r}",
+                            expand=False))
+    t = _table(cfg, summary, "val loss (nats/token)", "perplexity", "bits/byte")
+    t.add_row("model", f"{summary['val_loss']:.4f}", f"{summary['val_ppl']:.2f}",
+              f"{summary.get('val_bpb', float('nan')):.4f}")
+    bpt = ds.bytes_per_token("val")
+    t.add_row("unigram baseline", f"{baseline:.4f}", f"{math.exp(baseline):.2f}",
+              f"{baseline / math.log(2) / bpt:.4f}")
+    console.print(t)
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    console.print(f"saved to {run_dir}/ (config.yaml, metrics.jsonl, loss.png, checkpoints/); "
+                  f"try: lmforge generate --run {run_dir} --prompt 'ROMEO.'")
+
+
+def _table(cfg: Config, summary: dict[str, Any], *columns: str) -> Table:
+    t = Table(title=f"run {cfg.run}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M "
+                    f"tokens, {summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s")
+    t.add_column("")
+    for c in columns:
+        t.add_column(c, justify="right")
+    return t
+
+
+# --------------------------------------------------------------------------- mlm
+
+
+def mlm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+    """BERT masked-token prediction with an encoder on a prepared token dataset."""
+    ds = TokenDataset.open(cfg.data)
+    tok, _ = with_special_tokens(load_tokenizer(ds.tokenizer_path), MLM_SPECIAL_TOKENS)
+    vocab = MlmVocab.from_tokenizer(tok)
+    mcfg = dataclasses.replace(cfg.encoder, vocab_size=vocab.vocab_size)
+    cfg = dataclasses.replace(cfg, encoder=mcfg)
+    seq_len = _seq_len(cfg, mcfg.block_size, 3)
+    window = seq_len - 2  # [CLS] window [SEP]
+    _check_data(ds, window, cfg)
+    model = build_model(EncoderForMaskedLM, mcfg, gen)
+    assert isinstance(model, EncoderForMaskedLM)
+    tc = cfg.train
+    masker = Masker(cfg.mlm, vocab)
+    windows = RandomBatches(ds.split("train"), tc.batch_size, window, tc.seed,
+                            rank=info.rank, world_size=info.world_size)
+    # A seed of its own, so the masks are not drawn from the same stream as the window starts.
+    batches = MaskedBatches(windows, masker, tc.seed + 1)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        val = eval_batches(ds.split("val"), tc.batch_size, window, tc.eval_tokens)
+        return token_metrics(m, masked_eval_batches(val, masker, VAL_MASK_SEED))
+
+    tokens = tc.batch_size * tc.grad_accum * seq_len * info.world_size
+    describe = (f"{cfg.preset} encoder (masked LM), {model.num_params() / 1e6:.2f}M parameters,"
+                f" vocab {mcfg.vocab_size} ({ds.vocab_size} + special tokens), sequence "
+                f"{seq_len}, {cfg.mlm.probability:.0%} masked; {tc.max_steps} steps x {tokens} "
+                f"tokens (train split: {ds.num_tokens('train') / 1e6:.2f}M)")
+    baseline = unigram_baseline(ds.split("train"), ds.split("val"), ds.vocab_size)
+
+    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
+        final = evaluate(model)
+        t = _table(cfg, {**summary, **final}, "masked-token loss", "accuracy")
+        t.add_row("model", f"{final['val_loss']:.4f}", f"{final['val_accuracy']:.1%}")
+        t.add_row("unigram baseline", f"{baseline:.4f}", "")
+        console.print(t)
+        return final
+
+    return cfg, Task(model, batches, token_loss(tc.label_smoothing), evaluate, tok, describe,
+                     baseline, report)
+
+
+# --------------------------------------------------------------------------- seq2seq
+
+
+def seq2seq_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+    """Teacher-forced source -> target training of an encoder-decoder on a pairs folder."""
+    if cfg.train.seq_len is not None:
+        raise ConfigError("train.seq_len: not used by --objective seq2seq (pairs are padded per "
+                          "batch; the limit is --seq2seq.block_size); leave it null")
+    train_path, val_path, tok_path = pairs_folder(cfg.data)
+    tok, sp = with_special_tokens(load_tokenizer(tok_path), SEQ2SEQ_SPECIAL_TOKENS)
+    ids = PairIds(sp[PAD_TOKEN], sp[BOS_TOKEN], sp[EOS_TOKEN])
+    mcfg = dataclasses.replace(cfg.seq2seq, vocab_size=vocab_size_of(tok))
+    cfg = dataclasses.replace(cfg, seq2seq=mcfg)
+    train_items, dropped = encode_pairs(tok, read_pairs(train_path), ids, mcfg.block_size)
+    val_items, val_dropped = encode_pairs(tok, read_pairs(val_path), ids, mcfg.block_size)
+    if not val_items:
+        raise UserError(f"{val_path}: every pair is longer than block_size "
+                        f"{mcfg.block_size}; raise --seq2seq.block_size")
+    model = build_model(Seq2Seq, mcfg, gen)
+    assert isinstance(model, Seq2Seq)
+    tc = cfg.train
+    batches = PairBatches(train_items, tc.batch_size, ids, tc.seed)
+    val_eval = _first_tokens(val_items, tc.eval_tokens)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        metrics = token_metrics(m, pair_eval_batches(val_eval, tc.batch_size, ids))
+        return {**metrics, "val_exact_match": exact_match(m, val_eval, ids, tc.batch_size)}
+
+    describe = (f"{cfg.preset} encoder-decoder ({mcfg.norm}-norm), {model.num_params() / 1e6:.2f}M "
+                f"parameters, vocab {mcfg.vocab_size}; {len(train_items):,} train / "
+                f"{len(val_items):,} val pairs ({dropped + val_dropped} longer than block_size "
+                f"{mcfg.block_size} dropped); {tc.max_steps} steps x {tc.batch_size} pairs")
+
+    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
+        final = token_metrics(model, pair_eval_batches(val_items, tc.batch_size, ids))
+        final["val_exact_match"] = exact_match(model, val_items, ids, tc.batch_size, console,
+                                               tok)
+        t = _table(cfg, {**summary, **final}, "val loss", "token accuracy",
+                   "greedy exact match")
+        t.add_row(f"model ({len(val_items)} held-out pairs)", f"{final['val_loss']:.4f}",
+                  f"{final['val_accuracy']:.1%}", f"{final['val_exact_match']:.1%}")
+        console.print(t)
+        return final
+
+    return cfg, Task(model, batches, token_loss(tc.label_smoothing), evaluate, tok, describe,
+                     None, report)
+
+
+def _first_tokens(items: list[tuple[list[int], list[int]]],
+                  max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """The leading pairs holding about ``max_tokens`` labels (at least one pair)."""
+    out, count = [], 0
+    for item in items:
+        if out and count >= max_tokens:
+            break
+        out.append(item)
+        count += len(item[1]) + 1
+    return out
+
+
+def exact_match(model: nn.Module, items: list[tuple[list[int], list[int]]], ids: PairIds,
+                batch_size: int, console: Console | None = None,
+                tok: Tokenizer | None = None, show: int = 3) -> float:
+    """Share of pairs whose greedy (cached) decoding is exactly the target; print a few."""
+    assert isinstance(model, Seq2Seq)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        longest = max(len(t) for _, t in chunk) + 1  # a correct output ends with EOS by then
+        outs = generate_seq2seq(model, [s for s, _ in chunk], longest, ids.bos, ids.eos, ids.pad)
+        hits += sum(out == t for out, (_, t) in zip(outs, chunk))
+        if console is not None and tok is not None and start == 0:
+            for (s, t), out in list(zip(chunk, outs))[:show]:
+                mark = "[green]ok[/]" if out == t else "[red]wrong[/]"
+                console.print(f"{mark}  {tok.decode(s)}  ->  {tok.decode(out)}"
+                              + ("" if out == t else f"   (want: {tok.decode(t)})"),
+                              highlight=False)
+    model.train(was_training)
+    return hits / len(items)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -118,11 +508,16 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     if cfg.resume:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to start it")
-        saved = load_yaml(run_dir / "config.yaml").get("model", {})
-        for key, value in to_dict(cfg.model).items():
+        saved_all = load_yaml(run_dir / "config.yaml")
+        if saved_all.get("objective", "clm") != cfg.objective:
+            raise UserError(f"--resume: the run was trained with --objective "
+                            f"{saved_all.get('objective', 'clm')}, not {cfg.objective}; resume "
+                            f"with the run's config (--config {run_dir}/config.yaml --resume)")
+        saved = saved_all.get(cfg.section, {})
+        for key, value in to_dict(cfg.model_cfg).items():
             if saved.get(key) != value:
-                raise UserError(f"--resume: model.{key} is {value!r} but the run was trained "
-                                f"with {saved.get(key)!r}; resume with the run's config "
+                raise UserError(f"--resume: {cfg.section}.{key} is {value!r} but the run was "
+                                f"trained with {saved.get(key)!r}; resume with the run's config "
                                 f"(--config {run_dir}/config.yaml --resume)")
         return
     if run_dir.exists():
@@ -132,134 +527,174 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def _build_model(mcfg: DecoderConfig, gen: torch.Generator) -> Decoder:
-    # Build on the meta device (no memory, no wasted init), then materialize and initialize once.
-    with torch.device("meta"):
-        model = Decoder(mcfg)
-    model.to_empty(device="cpu")
-    model.init_weights(gen)
-    return model
-
-
-def _check_data(ds: TokenDataset, seq_len: int, cfg: Config) -> None:
-    for split in ("train", "val"):
-        n = ds.num_tokens(split)
-        if n < seq_len + 1:
-            raise UserError(f"{cfg.data}: the {split} split has {n} tokens, fewer than one "
-                            f"sequence of {seq_len + 1}; lower --train.seq_len or add data")
+def _build_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+    if info.distributed and cfg.objective == "seq2seq":
+        raise UserError("--objective seq2seq does not split its pairs by rank yet; "
+                        "train it in one process (without torchrun)")
+    builder = {"clm": clm_task, "mlm": mlm_task, "seq2seq": seq2seq_task}[cfg.objective]
+    return builder(cfg, gen, info)
 
 
 # --------------------------------------------------------------------------- main
 
 
+def _strategy(cfg: Config, info: DistInfo) -> str:
+    strategy = cfg.dist.strategy
+    if strategy == "auto":
+        return "ddp" if info.distributed else "none"
+    if strategy in ("ddp", "fsdp") and not info.launched:
+        raise UserError(f"--dist.strategy {strategy} needs torchrun: "
+                        "torchrun --nproc_per_node N -m lmforge.cli pretrain ...")
+    return strategy
+
+
+@dataclass
+class Trainer:
+    """The model the loop trains (maybe wrapped or sharded), its optimizer, and the plain
+    single-process twin that checkpoints are read into and written from."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    plain: nn.Module
+    plain_optimizer: torch.optim.Optimizer
+
+
+def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
+    """Apply AC, compile and DDP/FSDP to the model, in the order parallel.py documents."""
+    plain = task.model.to(info.device)
+    plain_opt = build_optimizer(plain, cfg.optim)
+    # AC and compile change forward in place; under FSDP the trained copy is sharded, so the
+    # plain twin stays a whole, ordinary module for checkpoints and the final report.
+    model = copy.deepcopy(plain) if strategy == "fsdp" else plain
+    if cfg.train.activation_checkpointing:
+        apply_ac(model)
+    if cfg.train.compile:
+        apply_compile(model)
+    if strategy == "fsdp":
+        apply_fsdp(model, cfg.train.precision, cfg.dist.reshard_after_forward,
+                   cfg.dist.cpu_offload)
+        return Trainer(model, build_optimizer(model, cfg.optim), plain, plain_opt)
+    if strategy == "ddp":
+        model = apply_ddp(model, info.device)
+    return Trainer(model, plain_opt, plain, plain_opt)
+
+
+def _sync_plain(tr: Trainer) -> None:
+    """Make the plain twin hold the trained state (a collective under FSDP)."""
+    if tr.model is not tr.plain and is_fsdp(tr.model):
+        export_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
+
+
+def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
+            console: Console) -> TrainState:
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is None:
+        return TrainState()
+    # every rank reads the same single-process checkpoint into its plain twin
+    state, extra, _ = load_checkpoint(ckpt, tr.plain, tr.plain_optimizer)
+    if is_fsdp(tr.model):
+        import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
+    batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
+                             if k.startswith("loader.")})
+    console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
+    return state
+
+
 def main(cfg: Config) -> int:
-    """Train, evaluate, save and sample; see the module docstring."""
-    console = Console()
+    """Train, evaluate, save and report; see the module docstring."""
+    info = init_distributed(cfg.dist.device)
+    try:
+        return _main(cfg, info)
+    finally:
+        shutdown(info)
+
+
+def _main(cfg: Config, info: DistInfo) -> int:
+    console = Console(quiet=not info.is_main)
+    strategy = _strategy(cfg, info)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ds = TokenDataset.open(cfg.data)
-    mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    seq_len = cfg.train.seq_len or mcfg.block_size
-    if seq_len > mcfg.block_size:
-        raise ConfigError(f"train.seq_len {seq_len} exceeds model.block_size {mcfg.block_size}")
-    _check_data(ds, seq_len, cfg)
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
-
     gen = seed_everything(cfg.train.seed)
-    model = _build_model(mcfg, gen)
-    optimizer = build_optimizer(model, cfg.optim)
-    batches = RandomBatches(ds.split("train"), cfg.train.batch_size, seq_len, cfg.train.seed)
-    state = TrainState()
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        state, extra, _ = load_checkpoint(ckpt, model, optimizer)
-        batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
-                                 if k.startswith("loader.")})
-        console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
-    atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
-    shutil.copyfile(ds.tokenizer_path, run_dir / "tokenizer.json")
-
-    n_params = model.num_params()
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * seq_len
-    console.print(
-        f"[bold]{cfg.run}[/]: {cfg.preset} decoder, {n_params / 1e6:.2f}M parameters "
-        f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocab "
-        f"{mcfg.vocab_size}, context {seq_len}; {cfg.train.max_steps} steps x "
-        f"{tokens_per_step} tokens = {cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens "
-        f"(train split: {ds.num_tokens('train') / 1e6:.2f}M)"
-    )
-    baseline = unigram_baseline(ds.split("train"), ds.split("val"), ds.vocab_size)
-    evaluate = make_lm_evaluator(
-        lambda: eval_batches(ds.split("val"), cfg.train.batch_size, seq_len, cfg.train.eval_tokens),
-        ds.bytes_per_token("val"),
-    )
+    cfg, task = _build_task(cfg, gen, info)  # reads and checks the data, builds the model
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if info.is_main:
+        _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+    tr = _setup(cfg, task, info, strategy)
+    batches = task.batches
+    state = _resume(cfg, tr, batches, run_dir, console)
+    if info.is_main:
+        atomic_write_text(run_dir / "config.yaml",
+                          yaml.safe_dump(saved_config(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "tokenizer.json", task.tokenizer.to_str())
+    console.print(f"[bold]{cfg.run}[/]: {task.describe}"
+                  + (f"; {strategy} over {info.world_size} processes" if info.distributed else ""))
 
     def save(st: TrainState, metrics: dict[str, float]) -> None:
-        save_checkpoint(run_dir, st, model, optimizer,
+        _sync_plain(tr)
+        if not info.is_main:
+            return
+        save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer,
                         extra={f"loader.{k}": v for k, v in batches.state_dict().items()},
-                        info={"metrics": metrics, "preset": cfg.preset},
+                        info={"metrics": metrics, "preset": cfg.preset,
+                              "objective": cfg.objective},
                         keep_last=cfg.train.keep_last,
                         is_best=metrics.get("val_loss") is not None
                         and metrics["val_loss"] == st.best_val_loss)
         plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
-                        title=f"{cfg.run} ({cfg.preset})", baseline=baseline)
+                        title=f"{cfg.run} ({cfg.preset}, {cfg.objective})",
+                        baseline=task.baseline)
 
+    flops = getattr(task.model, "flops_per_token", None)
+    seq_len = cfg.train.seq_len or cfg.model_cfg.block_size
+    rt = Runtime(dist=info, scaler=grad_scaler(cfg.train.precision, info.device),
+                 flops_per_token=flops(seq_len) if flops else None,
+                 peak_flops=cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else None)
     t0 = time.time()
-    start_step = state.step
+    start_tokens = state.tokens
     try:
+        trackers = (make_trackers(cfg.train.trackers, run_dir, cfg.run, saved_config(cfg))
+                    if info.is_main else [])
         with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
-                       start_step=state.step) as log:
-            state = train(model, optimizer, batches, causal_lm_loss(cfg.train.label_smoothing),
-                          cfg.train, cfg.optim, state, log, LoopHooks(evaluate, save))
+                       start_step=state.step, enabled=info.is_main, trackers=trackers) as log:
+            state = train(tr.model, tr.optimizer, batches, task.loss_fn, cfg.train, cfg.optim,
+                          state, log, LoopHooks(task.evaluate, save), rt)
+    except torch.OutOfMemoryError:
+        _explain_oom(cfg, info, console)
+        raise UserError("CUDA out of memory; see the breakdown and settings above") from None
     except KeyboardInterrupt:
         last = latest_checkpoint(run_dir)
         where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
         raise UserError(f"interrupted; {where}; continue with the same command and --resume") from None
     elapsed = time.time() - t0
-    final = evaluate(model)
-    summary = {"run": cfg.run, "preset": cfg.preset, "params": n_params, "steps": state.step,
-               "tokens": state.tokens, "seconds": round(elapsed, 1),
-               "tokens_per_s": round((state.step - start_step) * tokens_per_step
-                                     / max(elapsed, 1e-9), 1),
-               **final, "unigram_baseline_loss": baseline}
+    if not info.is_main:
+        return 0
+    # tokens = labelled (predicted) tokens: every token for clm, the masked ones for mlm,
+    # target tokens + EOS for seq2seq.
+    summary: dict[str, Any] = {
+        "run": cfg.run, "objective": cfg.objective, "preset": cfg.preset,
+        "params": sum(p.numel() for p in task.model.parameters()), "steps": state.step,
+        "tokens": state.tokens, "seconds": round(elapsed, 1),
+        "tokens_per_s": round((state.tokens - start_tokens) / max(elapsed, 1e-9), 1)}
+    summary.update(task.report(console, summary))
+    if task.baseline is not None:
+        summary["unigram_baseline_loss"] = task.baseline
     atomic_write_json(run_dir / "summary.json", summary)
-    _report(console, cfg, model, ds, summary)
+    keys = ("val_loss", "val_accuracy", "val_exact_match", "unigram_baseline_loss")
+    console.print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 
 
-def _report(console: Console, cfg: Config, model: Decoder, ds: TokenDataset,
-            summary: dict[str, Any]) -> None:
-    loaded = LoadedModel(model.eval(), _tokenizer(ds), Path(cfg.runs_dir) / cfg.run,
-                         Path(), summary["steps"])
-    for i, prompt in enumerate(cfg.samples):
-        text = stream_text(loaded, prompt, None, max_new_tokens=cfg.sample_tokens,
-                           temperature=cfg.temperature, top_k=50, top_p=None,
-                           seed=cfg.train.seed + i, eos_id=ds.eos_id)
-        console.print(Panel(prompt + text, title=f"sample {i + 1}: {prompt.strip()!r}",
-                            expand=False))
-    t = Table(title=f"run {cfg.run}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M "
-                    f"tokens, {summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s")
-    t.add_column("")
-    t.add_column("val loss (nats/token)", justify="right")
-    t.add_column("perplexity", justify="right")
-    t.add_column("bits/byte", justify="right")
-    t.add_row("model", f"{summary['val_loss']:.4f}", f"{summary['val_ppl']:.2f}",
-              f"{summary.get('val_bpb', float('nan')):.4f}")
-    base = summary["unigram_baseline_loss"]
-    bpt = ds.bytes_per_token("val")
-    t.add_row("unigram baseline", f"{base:.4f}", f"{torch.tensor(base).exp():.2f}",
-              f"{base / 0.6931471805599453 / bpt:.4f}")
-    console.print(t)
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    console.print(f"saved to {run_dir}/ (config.yaml, metrics.jsonl, loss.png, checkpoints/); "
-                  f"try: lmforge generate --run {run_dir} --prompt 'ROMEO.'")
-    console.print(json.dumps({k: summary[k] for k in ("val_loss", "unigram_baseline_loss")}))
 
-
-def _tokenizer(ds: TokenDataset) -> object:
-    from lmforge.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(ds.tokenizer_path)
+def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
+    """Print where the memory went and settings that would fit (decoder runs)."""
+    if cfg.objective != "clm" or not info.device.startswith("cuda"):
+        return
+    settings = TrainSettings(batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                             grad_accum=cfg.train.grad_accum,
+                             precision=cfg.train.precision,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
+    total = torch.cuda.get_device_properties(info.device).total_memory
+    for line in oom_report(cfg.model, settings, total):
+        console.print(line, markup=False)

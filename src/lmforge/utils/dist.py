@@ -23,6 +23,9 @@ class DistInfo:
         """Rank 0 logs and writes files; the other ranks only compute."""
         return self.rank == 0
 
+    launched: bool = False
+    """True when started by torchrun (a process group exists, even with one process)."""
+
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
@@ -41,9 +44,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = f"cuda:{local}" if use_cuda else "cpu"
     if use_cuda:
         torch.cuda.set_device(local)
-    if world > 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev,
+                    launched=launched)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -71,5 +76,5 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     """Leave the process group cleanly."""
-    if info.distributed and dist.is_initialized():
+    if info.launched and dist.is_initialized():
         dist.destroy_process_group()
