@@ -1,16 +1,20 @@
-"""Import a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2) as an lmforge run folder.
+"""Import a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2) or a GGUF file as a run folder.
 
-SRC is a local model folder (config.json, safetensors weights, tokenizer files) or, when
-online, a Hub name. The run folder gets config.yaml (the model as a DecoderConfig, the source
-and its BOS/EOS ids), tokenizer.json and a step-0 checkpoint, so `lmforge generate --run` and
-`lmforge export` work on it. Only safetensors weights are read: a pickle is never loaded.
+SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
+(when online), or a llama.cpp .gguf file (llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1
+and the other types the gguf package dequantizes). The run folder gets config.yaml (the model
+as a DecoderConfig, the source and its BOS/EOS ids), tokenizer.json (+ the chat template) and a
+step-0 checkpoint, so `lmforge generate --run` and `lmforge export` work on it. Only safetensors
+and GGUF weights are read: a pickle is never loaded.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -19,6 +23,7 @@ from rich.console import Console
 from lmforge.checkpoint import TrainState, save_checkpoint
 from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.data.tokenizer import load_tokenizer, vocab_size_of
+from lmforge.interop import gguf
 from lmforge.interop.hf import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -35,9 +40,11 @@ POSITIONAL = ("src",)
 EXAMPLES = """
 lmforge import ./SmolLM2-135M --out runs/smollm2          # a local Hugging Face folder
 lmforge import HuggingFaceTB/SmolLM2-135M --out runs/smollm2   # a Hub name, when online
+lmforge import SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smol   # a llama.cpp GGUF file
 lmforge generate --run runs/smollm2 --prompt "The capital of France is" --greedy
 """
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers v5 (and HF imports) keep it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,11 +53,12 @@ class Config:
     """Options of `lmforge import`."""
 
     src: str = ""
-    """Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a Hub name (online)."""
+    """Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a Hub name (online) or a .gguf file."""
     out: str = ""
     """Run folder to create, e.g. runs/llama."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Precision of the saved weights; auto keeps the file's (generate computes in fp32 either way)."""
+    """Precision of the saved weights; auto keeps the file's (float32 for GGUF: dequantized
+    blocks are exact in fp32 only); generate computes in fp32 either way."""
     overwrite: bool = False
     """Replace --out if it exists."""
 
@@ -66,6 +74,11 @@ def main(cfg: Config) -> int:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or another --out")
+    src = Path(cfg.src).expanduser()
+    if gguf.is_gguf(src):  # by its magic bytes, whatever the file is called
+        return import_gguf(cfg, src, out)
+    if src.suffix == ".gguf" and not src.exists():  # else it would be tried as a Hub name
+        raise UserError(f"{cfg.src}: no such file")
     folder = resolve_source(cfg.src)
     model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     hf = read_json(folder / CONFIG_FILE)
@@ -89,3 +102,52 @@ def main(cfg: Config) -> int:
         markup=False, soft_wrap=True,
     )
     return 0
+
+
+def import_gguf(cfg: Config, path: Path, out: Path) -> int:
+    """A llama.cpp GGUF file -> run folder: dequantized weights, rebuilt tokenizer, template."""
+    t0 = time.perf_counter()
+    f = gguf.GGUFFile.open(path)
+    model = gguf.load_gguf_model(f, DTYPES.get(cfg.dtype, torch.float32))
+    tok = gguf.gguf_tokenizer(f)
+    if vocab_size_of(tok) > model.cfg.vocab_size:
+        raise UserError(f"{path}: the tokenizer has ids up to {vocab_size_of(tok) - 1} but "
+                        f"token_embd.weight has {model.cfg.vocab_size} rows")
+    bos_id, eos_id = gguf.special_ids(f)
+    template = gguf.chat_template(f)
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        tok.save(str(tmp / TOKENIZER_FILE))
+        _write_tokenizer_side_files(tmp, tok, bos_id, eos_id, template, model.cfg.block_size)
+        record = {"source": cfg.src, "format": "gguf", "architecture": gguf.ARCH,
+                  "gguf_types": dict(sorted(f.types.items())), "bos_id": bos_id,
+                  "eos_id": eos_id, "model": to_dict(model.cfg)}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+        save_checkpoint(tmp, TrainState(), model, None,
+                        info={"source": cfg.src, "format": "gguf", "file": str(path)})
+    types = ", ".join(f"{n} {k}" for k, n in f.types.most_common())
+    Console(highlight=False).print(
+        f"imported GGUF {f.meta.get('general.name', path.name)!r} ({types} tensors) in "
+        f"{time.perf_counter() - t0:.1f} s: {model.num_params():,} parameters, "
+        f"{model.cfg.n_layer} layers, width {model.cfg.n_embd}, context {model.cfg.block_size}, "
+        f"eos id {eos_id}{', chat template' if template else ''}\n-> {out}    try: lmforge "
+        f"{'chat' if template else 'generate'} --run {out}", markup=False, soft_wrap=True)
+    return 0
+
+
+def _write_tokenizer_side_files(out: Path, tok: Any, bos_id: int | None, eos_id: int | None,
+                                template: str | None, max_length: int) -> None:
+    """tokenizer_config.json and chat_template.jinja, as a transformers v5 folder has them.
+
+    The same files an import of a Hugging Face folder copies, so `lmforge export --format hf`
+    (and a chat command) find the special tokens and the template in the same place.
+    """
+    config: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                 "model_max_length": max_length,
+                                 "clean_up_tokenization_spaces": False}
+    for name, i in (("bos_token", bos_id), ("eos_token", eos_id)):
+        if i is not None:
+            config[name] = tok.id_to_token(i)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                               encoding="utf-8")
+    if template:
+        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")

@@ -1,0 +1,363 @@
+"""GGUF in and out, checked against references nobody here wrote.
+
+- Dequantization: tensors quantized by the ``gguf`` package (llama.cpp's own Python code) are
+  decoded by our importer exactly as ``gguf.quants.dequantize`` and as a decoder of the block
+  layouts written here from ggml's spec (Q8_0, Q4_0, Q4_1), and within each block's rounding
+  bound of the original.
+- The Q/K permutation: a file written the way llama.cpp's converter writes it is imported, and
+  its logits match a forward pass written here with llama.cpp's rope (rotating adjacent pairs)
+  on the file's raw tensors.
+- Export: tensor names and metadata keys read back with gguf's reader; F32/F16/Q8_0 round trips
+  within the stated tolerances; tokenizer and chat template survive.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+gguf = pytest.importorskip("gguf")
+
+from lmforge.checkpoint import TrainState, save_checkpoint  # noqa: E402
+from lmforge.cli import run  # noqa: E402
+from lmforge.config import UserError, to_dict  # noqa: E402
+from lmforge.data.tokenizer import train_bpe  # noqa: E402
+from lmforge.interop.gguf import GGUFFile, permute_qk, unpermute_qk  # noqa: E402
+from lmforge.models.decoder import Decoder, DecoderConfig  # noqa: E402
+from lmforge.recipes.common import load_model  # noqa: E402
+from lmforge.recipes.export import TOLERANCES  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEXT = ["the cat sat on the mat", "a dog ran in the park 12 times", "<|im_start|>hi<|im_end|>"]
+
+
+def tiny_cfg(**over: Any) -> DecoderConfig:
+    base = dict(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                intermediate_size=96, rope_theta=500.0, norm_eps=1e-6, init_std=0.2)
+    return DecoderConfig(**{**base, **over})
+
+
+def make_run(root: Path, cfg: DecoderConfig, template: bool = False) -> tuple[Path, Decoder]:
+    """A run folder holding a random model, a BPE tokenizer with chat tokens, a template."""
+    model = Decoder(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # non-trivial norm gains, so a swapped norm would show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_checkpoint(root, TrainState(step=3), model, None)
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg)}))
+    tok = train_bpe(TEXT * 30, 300)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(root / "tokenizer.json"))
+    if template:
+        (root / "chat_template.jinja").write_text(TEMPLATE)
+    return root, model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Decoder]:
+    return make_run(tmp_path_factory.mktemp("run"), tiny_cfg(), template=True)
+
+
+def ids(vocab: int, n: int = 40, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_diff(a: Decoder, b: Decoder, vocab: int) -> float:
+    x = ids(vocab)
+    with torch.no_grad():
+        return (a(x) - b(x)).abs().max().item()
+
+
+# --------------------------------------------------------------------------- block formats
+
+
+def spec_dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
+    """Blocks of 32 values decoded from ggml's layouts (ggml-common.h), not from gguf.quants.
+
+    Q8_0: f16 scale d, 32 int8 q: x = d*q. Q4_0: f16 d, 16 bytes of nibbles, the low nibbles
+    being values 0-15 and the high ones 16-31: x = d*(q-8). Q4_1: f16 d, f16 min m, nibbles
+    as Q4_0: x = d*q + m.
+    """
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    blocks = raw.reshape(-1, size)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    if kind == "Q8_0":
+        return (d * blocks[:, 2:].copy().view(np.int8)).reshape(raw.shape[0], -1)
+    nib = blocks[:, -16:]
+    q = np.concatenate([nib & 0x0F, nib >> 4], axis=1).astype(np.float32)
+    if kind == "Q4_0":
+        x = d * (q - 8)
+    else:
+        x = d * q + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return x.reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_block_formats_match_gguf_and_the_spec(kind: str) -> None:
+    w = np.random.default_rng(0).normal(size=(48, 96)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    ours = spec_dequantize(raw, kind)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw, qtype))
+    blocks = w.reshape(-1, 32)
+    # Each value is within half a quantization step, plus the f16 rounding of the stored
+    # scale (relative 2^-11, times the largest level) and, for Q4_1, of the stored minimum.
+    # Q4_0 maps the block's extreme to -8 and clips the opposite end at +7: a whole step.
+    step, levels, steps = {"Q8_0": (np.abs(blocks).max(1) / 127, 127, 0.5),
+                           "Q4_0": (np.abs(blocks).max(1) / 8, 8, 1.0),
+                           "Q4_1": ((blocks.max(1) - blocks.min(1)) / 15, 15, 0.5)}[kind]
+    offset = np.abs(blocks.min(1)) if kind == "Q4_1" else 0.0
+    bound = step * (steps + levels * 2.0**-11) + offset * 2.0**-11 + 1e-7
+    assert np.all(np.abs(ours.reshape(-1, 32) - blocks).max(1) <= bound)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def llama_cpp_forward(f: GGUFFile, idx: torch.Tensor) -> torch.Tensor:
+    """Logits from a GGUF's raw tensors, computed as llama.cpp's llama graph does.
+
+    RoPE here rotates adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/D) (ggml's "normal"
+    rope), on q/k exactly as stored: no un-permutation. Query head h reads KV head h // (H/G).
+    """
+    m = f.meta
+    H, G = m["llama.attention.head_count"], m["llama.attention.head_count_kv"]
+    eps, base, L = m["llama.attention.layer_norm_rms_epsilon"], m["llama.rope.freq_base"], \
+        m["llama.block_count"]
+
+    def w(name: str) -> torch.Tensor:
+        return f.tensor(name).double()
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w(name)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, D)
+        D, T = x.shape[-1], x.shape[1]
+        angle = torch.arange(T).double()[:, None] * base ** (-torch.arange(0, D, 2) / D)
+        cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+    x = w("token_embd.weight")[idx]
+    B, T, C = x.shape
+    D = C // H
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(L):
+        h = norm(x, f"blk.{i}.attn_norm.weight")
+        q = rope((h @ w(f"blk.{i}.attn_q.weight").T).view(B, T, H, D))
+        k = rope((h @ w(f"blk.{i}.attn_k.weight").T).view(B, T, G, D))
+        v = (h @ w(f"blk.{i}.attn_v.weight").T).view(B, T, G, D)
+        k, v = (t.repeat_interleave(H // G, dim=2) for t in (k, v))
+        att = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("bhts,bshd->bthd", att, v).reshape(B, T, C)
+        x = x + y @ w(f"blk.{i}.attn_output.weight").T
+        h = norm(x, f"blk.{i}.ffn_norm.weight")
+        gate = torch.nn.functional.silu(h @ w(f"blk.{i}.ffn_gate.weight").T)
+        x = x + (gate * (h @ w(f"blk.{i}.ffn_up.weight").T)) @ w(f"blk.{i}.ffn_down.weight").T
+    head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    return (norm(x, "output_norm.weight") @ w(head).T).float()
+
+
+def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, restated here."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_like_llama_cpp(path: Path, model: Decoder, kind: str, tokens: list[str],
+                         add_bos: bool = False) -> None:
+    """A llama GGUF written with gguf's writer the way the converter + llama-quantize would."""
+    cfg = model.cfg
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", cfg.block_size), ("embedding_length", cfg.n_embd),
+                       ("block_count", cfg.n_layer), ("feed_forward_length", cfg.ffn_dim),
+                       ("attention.head_count", cfg.n_head),
+                       ("attention.head_count_kv", cfg.kv_heads)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", cfg.rope_theta)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(["t h", "th e"])
+    w.add_eos_token_id(0)
+    w.add_bos_token_id(len(tokens) - 2)  # "th": any token will do
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(TEMPLATE)
+    hf_names = {"tok_emb": "token_embd", "norm_f": "output_norm", "lm_head": "output",
+                "attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k",
+                "v_proj": "attn_v", "o_proj": "attn_output", "mlp_norm": "ffn_norm",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for key, t in model.state_dict().items():
+        parts = key.split(".")
+        name = (f"blk.{parts[1]}.{hf_names[parts[-2]]}.weight" if parts[0] == "blocks"
+                else f"{hf_names[parts[0]]}.weight")
+        a = t.numpy()
+        if parts[-2] in ("q_proj", "k_proj"):
+            a = converter_permute(a, cfg.n_head if parts[-2] == "q_proj" else cfg.kv_heads)
+        qtype = gguf.GGMLQuantizationType[kind]
+        if a.ndim == 1 or kind == "F32":
+            w.add_tensor(name, a.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_import_dequantizes_unpermutes_and_matches_llama_cpp(kind: str, tmp_path: Path) -> None:
+    cfg = tiny_cfg(vocab_size=96, tie_embeddings=False)
+    model = Decoder(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    tokens = ["<|endoftext|>", *(chr(c) for c in range(33, 126)), "th", "the"]  # 96
+    path = tmp_path / f"m.{kind}.gguf"
+    write_like_llama_cpp(path, model.eval(), kind, tokens)
+    assert run(["import", str(path), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_model(tmp_path / "run")
+    f = GGUFFile.open(path)
+    x = ids(cfg.vocab_size)
+    with torch.no_grad():
+        assert (loaded.model(x) - llama_cpp_forward(f, x)).abs().max().item() < 1e-4
+    state = loaded.model.state_dict()
+    q = f.tensors["blk.1.attn_q.weight"]  # bit-exact dequantization of a permuted tensor
+    ref = gguf.quants.dequantize(q.data, q.tensor_type).reshape(cfg.n_embd, cfg.n_embd)
+    assert torch.equal(state["blocks.1.attn.q_proj.weight"],
+                       unpermute_qk(torch.from_numpy(np.array(ref)), cfg.n_head))
+    if kind in ("Q8_0", "Q4_0", "Q4_1"):
+        raw = spec_dequantize(np.asarray(f.tensors["blk.0.ffn_up.weight"].data), kind)
+        assert torch.equal(state["blocks.0.mlp.up_proj.weight"], torch.from_numpy(raw))
+    if kind == "F32":
+        assert torch.equal(state["blocks.0.attn.k_proj.weight"], model.state_dict()[
+            "blocks.0.attn.k_proj.weight"])
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == TEMPLATE
+    assert loaded.eos_id == 0 and not loaded.model.cfg.tie_embeddings
+    assert loaded.tokenizer.encode("the").ids == [95]
+
+
+def test_add_bos_survives_import_and_export(tmp_path: Path) -> None:
+    model = Decoder(tiny_cfg(vocab_size=96))
+    tokens = ["<|endoftext|>", *(chr(c) for c in range(33, 126)), "th", "the"]
+    write_like_llama_cpp(tmp_path / "in.gguf", model.eval(), "F16", tokens, add_bos=True)
+    assert run(["import", str(tmp_path / "in.gguf"), "--out", str(tmp_path / "run")]) == 0
+    assert load_model(tmp_path / "run").tokenizer.encode("the").ids == [94, 95]  # BOS first
+    assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
+                str(tmp_path / "out")]) == 0
+    meta = GGUFFile.open(next((tmp_path / "out").glob("*.gguf"))).meta
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.ggml.bos_token_id"] == 94
+
+
+def test_permutation_round_trips() -> None:
+    w = torch.randn(3 * 2 * 8, 5)
+    assert torch.equal(unpermute_qk(permute_qk(w, 3), 3), w)
+    assert torch.equal(permute_qk(w, 3), torch.from_numpy(converter_permute(w.numpy(), 3)))
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_0"])
+def test_export_round_trips_within_the_stated_tolerance(
+        gguf_type: str, llama_run: tuple[Path, Decoder], tmp_path: Path) -> None:
+    run_dir, model = llama_run
+    out = tmp_path / "gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", gguf_type,
+                "--out", str(out)]) == 0
+    (path,) = out.glob("*.gguf")
+    assert run(["import", str(path), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")
+    diff = logits_diff(model, back.model.float(), model.cfg.vocab_size)
+    # The stated default tolerances hold on this deliberately sharp model (weights of std
+    # 0.2: logits in the tens), where we measured f16 0.017, q8_0 0.50, q4_0 5.4; trained
+    # llama-1m: 6e-3, 0.16, 1.2; SmolLM2-135M: 0.05, 0.89, 11.6.
+    assert diff <= (1e-5 if gguf_type == "f32" else TOLERANCES[f"gguf.{gguf_type}"])
+    tok, tok_back = load_model(run_dir).tokenizer, back.tokenizer
+    for text in TEXT:
+        assert tok.encode(text).ids == tok_back.encode(text).ids
+    assert (tmp_path / "back" / "chat_template.jinja").read_text() == TEMPLATE
+    card = (out / "README.md").read_text()
+    assert path.name in card and "llama-cli -m" in card and "max |Δlogits|" in card
+
+
+def test_exported_names_and_metadata_follow_llama_cpp(llama_run: tuple[Path, Decoder],
+                                                      tmp_path: Path) -> None:
+    run_dir, model = llama_run
+    out = tmp_path / "gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "q8_0",
+                "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(str(next(out.glob("*.gguf"))))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    cfg = model.cfg
+    expect = {"general.architecture": "llama", "llama.context_length": 64,
+              "llama.embedding_length": 64, "llama.block_count": 2,
+              "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+              "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 500.0,
+              "llama.rope.dimension_count": 16, "tokenizer.ggml.model": "gpt2",
+              "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.eos_token_id": 0,
+              "tokenizer.ggml.bos_token_id": 0, "tokenizer.chat_template": TEMPLATE,
+              "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)}
+    assert {k: meta[k] for k in expect} == expect
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == cfg.vocab_size and tokens[0] == "<|endoftext|>"
+    im_start = tokens.index("<|im_start|>")
+    assert types[0] == types[im_start] == 3 and types[300] == 5  # control, then padding rows
+    assert meta["tokenizer.ggml.merges"][0].count(" ") == 1
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(names) == {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in per_block}  # tied: no output.weight
+    assert names["blk.0.attn_q.weight"] == "Q8_0" and names["blk.0.ffn_norm.weight"] == "F32"
+    q = reader.tensors[[t.name for t in reader.tensors].index("blk.0.attn_q.weight")]
+    assert list(q.shape) == [64, 64]
+
+
+def test_gpt2_style_runs_are_refused_with_the_field(tmp_path: Path) -> None:
+    run_dir, _ = make_run(tmp_path / "run", tiny_cfg(pos="learned", norm="layernorm",
+                                                     mlp="gelu", bias=True, n_kv_head=None))
+    message = one_line_error(["export", "--run", str(run_dir), "--format", "gguf", "--out",
+                              str(tmp_path / "out")])
+    assert "model.pos/norm/mlp" in message and not (tmp_path / "out").exists()
+
+
+def test_a_failed_check_leaves_nothing(llama_run: tuple[Path, Decoder], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    message = one_line_error(["export", "--run", str(llama_run[0]), "--format", "gguf",
+                              "--gguf_type", "f16", "--tolerance", "1e-9", "--out", str(out)])
+    assert "differ" in message and not list(tmp_path.iterdir())
+
+
+def test_bad_files_are_one_line(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 12)
+    assert "cannot read it as GGUF" in one_line_error(["import", str(fake), "--out",
+                                                       str(tmp_path / "r")])
+    other = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(other), "gpt2")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "general.architecture is 'gpt2'" in one_line_error(
+        ["import", str(other), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def one_line_error(args: list[str]) -> str:
+    with pytest.raises(UserError) as err:
+        run(args)
+    assert "\n" not in str(err.value)
+    return str(err.value)
