@@ -11,6 +11,8 @@ the Llama relatives: Qwen2 (``qkv_bias``) and Mistral (``sliding_window``).
 
 Shapes: B batch, T new tokens, S attended positions (cache length + T), C = n_embd,
 H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
+Two caches share one interface: ``KVCache`` (rows of one length: generate) and ``RowKVCache``
+(rows of their own lengths: continuous batching).
 """
 
 from __future__ import annotations
@@ -252,6 +254,113 @@ class KVCache:
         """Forget every position (the buffers are reused as they are)."""
         self.length = 0
 
+    def positions(self, T: int) -> slice:
+        """Positions of the next T tokens, the same in every row."""
+        return slice(self.length, self.length + T)
+
+    def attn_mask(self, T: int, window: int | None, device: torch.device) -> Tensor | None:
+        """Mask of the next T queries over the cached and new keys (see ``_causal_mask``)."""
+        return _causal_mask(T, self.length, window, device)
+
+    def end(self, T: int) -> int:
+        """Filled positions after T more tokens."""
+        return self.length + T
+
+    def advance(self, T: int) -> None:
+        """Count the T tokens every layer has just written."""
+        self.length += T
+
+
+class RowKVCache:
+    """A KV cache whose rows are independent sequences, each with its own fill length.
+
+    For continuous batching: a request takes a free row while the others are mid-sequence.
+    Row b's new tokens go to [lengths[b], lengths[b]+T), and an explicit (B, 1, T, S) mask hides
+    the positions a row has not filled (stale keys of an earlier request), so rows never need
+    padding or reshuffling. When every row has the same length (one row, say) it does exactly
+    what ``KVCache`` does: slice writes and no mask. ``rows(start, stop)`` is a view sharing the
+    buffers and lengths: a new request is prefilled alone, the active rows decode together.
+    """
+
+    batch, max_len = KVCache.batch, KVCache.max_len  # rows (of this view), positions per row
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self._span: tuple[int, int] | None = None  # per-forward memos, the same for every layer
+        self._mask: Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> RowKVCache:
+        """A view of rows [start, stop); writes through it land in this cache."""
+        view = RowKVCache.__new__(RowKVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths = self.lengths[start:stop]  # a view too: advance() updates ours in place
+        view._span, view._mask = None, None
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` (keys, values, length) into row ``dst``."""
+        for buf in (self.k, self.v, self.lengths[None]):  # the row is dim 1 of each
+            buf[:, dst] = buf[:, src]
+
+    def span(self) -> tuple[int, int]:
+        """(shortest, longest) row length, read once per forward (one device sync)."""
+        if self._span is None:
+            lo, hi = torch.aminmax(self.lengths) if self.batch else (0, 0)
+            self._span = (int(lo), int(hi))
+        return self._span
+
+    def positions(self, T: int) -> slice | Tensor:
+        """Positions of the next T tokens: a slice if all rows agree, else (B, T)."""
+        lo, hi = self.span()
+        if lo == hi:
+            return slice(lo, lo + T)
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def attn_mask(self, T: int, window: int | None, device: torch.device) -> Tensor | None:
+        """Bool (B, 1, T, S): query t of row b sees keys j <= lengths[b]+t (and the window)."""
+        lo, hi = self.span()
+        if lo == hi:
+            return _causal_mask(T, lo, window, device)
+        if self._mask is None:
+            i = self.positions(T)[:, :, None]  # (B, T, 1) absolute query positions
+            j = torch.arange(hi + T, device=device)[None, None, :]  # (1, 1, S)
+            mask = j <= i
+            if window is not None:
+                mask &= j > i - window
+            self._mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+        return self._mask
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new k, v (B, G, T, D) at each row's positions; return (B, G, S, D) so far."""
+        B, T = k.shape[0], k.shape[2]
+        lo, hi = self.span()
+        if lo == hi:
+            self.k[layer, :, :, lo : lo + T] = k
+            self.v[layer, :, :, lo : lo + T] = v
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            pos = self.positions(T)  # (B, T)
+            # Advanced indices split by a slice come first: the indexed view is (B, T, G, D).
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, : hi + T], self.v[layer, :, :, : hi + T]
+
+    def end(self, T: int) -> int:
+        """Positions the longest row has filled after T more tokens."""
+        return self.span()[1] + T
+
+    def advance(self, T: int) -> None:
+        """Count the T tokens every layer has just written, in every row."""
+        self.lengths += T
+        self._span, self._mask = None, None
+
+
+Cache = KVCache | RowKVCache
+
 
 class Attention(nn.Module):
     """Causal multi-head attention with separate q/k/v projections and grouped KV heads."""
@@ -268,9 +377,9 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
     ) -> Tensor:
-        """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) tables of these positions."""
+        """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables."""
         B, T, _ = x.shape
         H, G, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -278,11 +387,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
-        if cache is not None:
-            past = cache.length
+        if cache is None:
+            mask = _causal_mask(T, 0, self.cfg.sliding_window, x.device)
+        else:
+            mask = cache.attn_mask(T, self.cfg.sliding_window, x.device)
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
-        mask = _causal_mask(T, past, self.cfg.sliding_window, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -354,7 +463,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
         x = x + self.attn(self.attn_norm(x), rope, cache)
@@ -447,40 +556,51 @@ class Decoder(nn.Module):
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def new_row_cache(self, batch: int, max_len: int | None = None) -> RowKVCache:
+        """An empty ``RowKVCache``: ``batch`` independent rows of up to ``max_len`` positions."""
+        cfg, w = self.cfg, self.tok_emb.weight
+        max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
+        return RowKVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype,
+                          w.device)
+
+    def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
         """Logits (B, T, V) in the parameter dtype for token ids ``idx`` (B, T).
 
-        With a cache, ``idx`` continues the cached sequence: positions start at
-        ``cache.length``, attention covers the cached and the new tokens, and the cache
-        advances by T. The loss is computed by the caller.
+        With a cache, ``idx`` continues the cached sequence(s): positions start at each row's
+        cache length, attention covers the cached and the new tokens, and the cache advances
+        by T. The loss is computed by the caller.
         """
         B, T = idx.shape
-        past = 0 if cache is None else cache.length
-        self._check_length(B, T, past, cache)
+        self._check_length(B, T, cache)
+        # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
+        pos = slice(0, T) if cache is None else cache.positions(T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.cfg.pos == "learned":
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))  # (T, C)
+            x = x + self.pos_emb.weight[pos]  # (T, C) or (B, T, C)
         elif self.cfg.pos == "sinusoidal":
-            x = x + self.pos_table[past : past + T].to(x.dtype)  # (T, C)
+            x = x + self.pos_table[pos].to(x.dtype)  # (T, C) or (B, T, C)
         rope = None
         if self.cfg.pos == "rope":
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])  # (T, D)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D) or (B, T, D)
+            if isinstance(pos, Tensor):
+                rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, D): one row per sequence
         x = self.emb_drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.length = past + T
+            cache.advance(T)
         return self.lm_head(self.norm_f(x))  # (B, T, V)
 
-    def _check_length(self, B: int, T: int, past: int, cache: KVCache | None) -> None:
-        if past + T > self.cfg.block_size:
+    def _check_length(self, B: int, T: int, cache: Cache | None) -> None:
+        end = T if cache is None else cache.end(T)
+        if end > self.cfg.block_size:
             raise ConfigError(
-                f"block_size: the sequence needs {past + T} positions but the model's "
+                f"block_size: the sequence needs {end} positions but the model's "
                 f"block_size is {self.cfg.block_size}; shorten the input or raise block_size"
             )
         if cache is not None:
-            if past + T > cache.max_len:
-                raise ValueError(f"KV cache full: {past} + {T} tokens > max_len {cache.max_len}")
+            if end > cache.max_len:
+                raise ValueError(f"KV cache full: {end} positions > max_len {cache.max_len}")
             if cache.batch != B:
                 raise ValueError(f"batch {B} does not match the KV cache batch {cache.batch}")
 

@@ -1,0 +1,522 @@
+"""Continuous batching: many generation requests share one model and one preallocated KV cache.
+
+The engine owns ``max_batch`` slots, the rows of a ``RowKVCache``. One ``step()``:
+
+1. drops cancelled requests (queued or running), freeing their slots at once;
+2. admits queued requests into free slots: each prompt is prefilled alone into its own row
+   and its first token sampled, so a newcomer never waits for the running ones to finish;
+3. decodes every running row together, one token each (B = running, T = 1), each row
+   sampled with its own parameters and its own ``torch.Generator``;
+4. lets finished requests (EOS, a stop token or string, max_tokens) leave: the last running
+   row moves into the freed slot, so the running rows are always 0..n-1, a contiguous view of
+   the cache (no gather per step).
+
+Rows have their own lengths and an explicit attention mask (see ``RowKVCache``), so a request's
+greedy output is the same whether it runs alone or beside others that joined at other times.
+
+Results stream as ``Event``s: to a ``sink`` callback (the server hands them to its event loop)
+or, by default, to a queue that iterating the ``Handle`` drains. ``start()`` runs the steps in
+one background thread; without it, iterating a handle runs steps in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmforge.config import UserError
+from lmforge.infer.sampling import top_k_filter, top_p_filter
+from lmforge.models.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+MAX_STOP = 4  # stop strings per request, as in the OpenAI API
+MAX_STOP_CHARS = 256  # each is matched against the text after every token: keep that cheap
+
+
+class InvalidRequest(UserError):
+    """A request the engine refuses: ``param`` names the field at fault (OpenAI's error body)."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(f"{param}: {message}")
+        self.param, self.code = param, code
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``; the caller should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops. Ranges follow the OpenAI API."""
+
+    max_tokens: int = 16
+    """Most new tokens; prompt + max_tokens must fit in the model's context."""
+    temperature: float = 1.0
+    """0 is greedy; otherwise logits are divided by it (0..2)."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens; None disables."""
+    top_p: float | None = None
+    """Nucleus: the smallest set of tokens whose probability reaches p, in (0, 1]."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty (Keskar et al. 2019) on every token seen so far, prompt included; 1 = off."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of each token already generated (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted per earlier occurrence of a generated token (-2..2)."""
+    seed: int | None = None
+    """Seed of this request's own generator: the same seed gives the same text."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the text (not included in it)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the text besides EOS (e.g. a chat template's end of turn)."""
+
+    def check(self) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        ranges = (("temperature", self.temperature, 0.0, 2.0),
+                  ("top_p", self.top_p, 0.0, 1.0), ("min_p", self.min_p, 0.0, 1.0),
+                  ("presence_penalty", self.presence_penalty, -2.0, 2.0),
+                  ("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
+        for name, value, lo, hi in ranges:
+            if value is not None and not lo <= value <= hi:  # also rejects NaN
+                raise InvalidRequest(name, f"must be between {lo:g} and {hi:g}, got {value}")
+        if self.top_p is not None and self.top_p == 0.0:
+            raise InvalidRequest("top_p", "must be greater than 0 (1 keeps every token)")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            raise InvalidRequest("repetition_penalty",
+                                 f"must be in (0, 10] (1 = off), got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidRequest("top_k", f"must be at least 1 or null, got {self.top_k}")
+        if len(self.stop) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequest("stop", f"give at most {MAX_STOP} non-empty strings of at most "
+                                 f"{MAX_STOP_CHARS} characters")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens seen so far."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+@dataclass
+class Event:
+    """What one request produced since its last event; the last one has a finish_reason."""
+
+    text: str
+    """New text (may be empty while a character or a possible stop string is incomplete)."""
+    token_ids: list[int]
+    """New token ids (EOS and stop tokens excluded)."""
+    finish_reason: str | None = None
+    """None while running, then "stop", "length", "cancelled" or "error"."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens generated so far, the one that stopped it included."""
+    error: str | None = None
+    """What went wrong, when finish_reason is "error"."""
+
+
+@dataclass
+class Completion:
+    """A finished request, collected from its events."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top one's (Nguyen et al. 2024)."""
+    probs = logits.softmax(dim=-1)  # (B, V)
+    keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def penalize(logits: Tensor, params: SamplingParams, prompt: list[int],
+             output: list[int]) -> Tensor:
+    """Apply the repetition (prompt + output) and presence/frequency (output) penalties to (1, V)."""
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device)
+        picked = logits[0, seen]
+        # CTRL / HF: shrink positive logits and push negative ones further down.
+        logits[0, seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                      picked * params.repetition_penalty)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(output, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)[None]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from (1, V) logits: greedy at temperature 0, else HF's order of warpers.
+
+    Mirrors ``sampling.sample`` step for step (same fp32 division, filters and multinomial
+    draw), so a seeded request draws the tokens ``generate`` would, plus min-p at the end.
+    """
+    if params.temperature == 0.0:
+        return int(logits.argmax(dim=-1))
+    logits = logits.float() / params.temperature
+    if params.top_k is not None:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p is not None and params.top_p < 1.0:
+        logits = top_p_filter(logits, params.top_p)
+    if params.min_p:
+        logits = min_p_filter(logits, params.min_p)
+    probs = logits.softmax(dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
+# --------------------------------------------------------------------------- text
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: ``push`` returns only text that is final.
+
+    Text is held back while it ends in an incomplete UTF-8 character (byte-level BPE decodes
+    half a character as U+FFFD) or in the beginning of a stop string, so a client never
+    receives text that has to be taken back.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
+        self.decode, self.stop = decode, stop
+        self.text = ""  # everything sent so far
+
+    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """(new final text, whether a stop string ended it) for all generated ``ids``."""
+        full = self.decode(ids)
+        if not full.startswith(self.text):  # a tokenizer that rewrites earlier text: keep ours
+            full = self.text + full[len(self.text):]
+        hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]
+        if hits:
+            return self._send(full[: min(hits)]), True
+        end = len(full)
+        if not final:
+            end = len(full.rstrip("\ufffd"))
+            end -= self._partial_stop(full[:end])
+        return self._send(full[: max(end, len(self.text))]), False
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
+    def _send(self, upto: str) -> str:
+        delta, self.text = upto[len(self.text):], upto
+        return delta
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Handle:
+    """A submitted request: iterate it for its events, or ``cancel()`` it (frees its slot)."""
+
+    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int,
+                 sink: Callable[[Event], None] | None) -> None:
+        self.id, self.prompt_tokens, self._engine = request_id, prompt_tokens, engine
+        self._events: queue.Queue[Event] | None = queue.Queue() if sink is None else None
+        self._sink = sink if sink is not None else self._events.put  # type: ignore[union-attr]
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop this request at the next step; its last event says "cancelled"."""
+        self.cancelled = True
+        self._engine.wake()
+
+    def emit(self, event: Event) -> None:
+        """Deliver one event (called by the engine); a failing sink cancels the request."""
+        try:
+            self._sink(event)
+        except Exception:  # e.g. the server's event loop is gone: nobody is listening any more
+            log.debug("sink of request %s failed; cancelling it", self.id, exc_info=True)
+            self.cancelled = True
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._events is None:
+            raise TypeError("this request streams to its sink; it cannot be iterated")
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                if self._engine.running:
+                    event = self._events.get()
+                else:  # no engine thread: drive the engine from here
+                    self._engine.step()
+                    continue
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        """Wait for the end and collect the text, tokens and finish reason."""
+        texts: list[str] = []
+        ids: list[int] = []
+        for event in self:
+            texts.append(event.text)
+            ids += event.token_ids
+            if event.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {event.error}")
+        return Completion("".join(texts), ids, event.finish_reason or "", self.prompt_tokens,
+                          event.completion_tokens)
+
+
+@dataclass
+class _Seq:
+    """Engine-side state of one request."""
+
+    handle: Handle
+    prompt: list[int]
+    params: SamplingParams
+    text: TextStream
+    generator: torch.Generator
+    output: list[int] = field(default_factory=list)
+    next_token: int = -1  # sampled, not yet fed to the model
+    finished: str | None = None
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A continuous-batching scheduler over ``max_batch`` slots of one preallocated KV cache.
+
+    Each slot holds ``max_len`` positions (prompt + answer; default the model's block_size):
+    the cache takes max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values.
+    """
+
+    def __init__(self, model: Decoder, decode: Callable[[list[int]], str], *,
+                 eos_id: int | None, max_batch: int = 8, max_queue: int = 64,
+                 max_len: int | None = None) -> None:
+        if model.training:
+            raise ValueError("call model.eval() before serving")
+        if max_batch < 1 or max_queue < 0:
+            raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
+                            f"{max_queue}")
+        self.model, self.decode, self.eos_id = model, decode, eos_id
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = model.tok_emb.weight.device
+        self.cache = model.new_row_cache(max_batch, max_len)
+        self.context = self.cache.max_len  # positions a request may use
+        self._queue: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # index = cache row; touched only by the stepping thread
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def running(self) -> bool:
+        """Whether a background thread is stepping the engine."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot."""
+        return len(self._running)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[Event], None] | None = None,
+               request_id: str | None = None) -> Handle:
+        """Queue a request; raise InvalidRequest for bad input, QueueFull when the queue is full."""
+        params.check()
+        self.check_prompt(prompt_ids, params.max_tokens)
+        handle = Handle(self, request_id or uuid.uuid4().hex, len(prompt_ids), sink)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed % 2**64)
+        seq = _Seq(handle, list(prompt_ids), params, TextStream(self.decode, params.stop),
+                   generator)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine has been stopped")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting; retry later")
+            self._queue.append(seq)
+            self._cond.notify()
+        return handle
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Raise InvalidRequest unless the prompt is valid ids and prompt + max_tokens fit."""
+        vocab, n = self.model.cfg.vocab_size, len(prompt_ids)
+        if n == 0:
+            raise InvalidRequest("prompt", "is empty; give at least one token")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        if n >= self.context:
+            raise InvalidRequest("prompt", f"has {n} tokens but the context is {self.context}; "
+                                 "shorten it", "context_length_exceeded")
+        if n + max_tokens > self.context:
+            raise InvalidRequest(
+                "max_tokens", f"the context is {self.context} tokens, but the prompt has {n} "
+                f"and max_tokens asks for {max_tokens}; ask for at most {self.context - n}",
+                "context_length_exceeded")
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread until ``stop()``."""
+        if self.running:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; requests still queued or running end "cancelled"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in [*self._queue, *self._running]:
+            self._finish(seq, "cancelled")
+        self._queue.clear()
+        self._running.clear()
+
+    def wake(self) -> None:
+        """Have a waiting scheduler look at its requests again (after a cancel)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduler iteration; True while requests are queued or running."""
+        self._drop_cancelled()
+        self._admit()
+        self._decode()
+        return bool(self._running or self._queue)
+
+    # ----------------------------------------------------------------- scheduling
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._queue or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # one bad step must not take the server down with it
+                log.exception("engine step failed; failing the requests it held")
+                self._fail_all(e)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            dropped = [s for s in self._queue if s.handle.cancelled]
+            for seq in dropped:
+                self._queue.remove(seq)
+        for seq in dropped + [s for s in self._running if s.handle.cancelled]:
+            self._finish(seq, "cancelled")
+        self._release()
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch:
+            with self._cond:
+                if not self._queue:
+                    break
+                seq = self._queue.popleft()
+            row = len(self._running)
+            self.cache.lengths[row] = 0
+            self._running.append(seq)
+            idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
+            logits = self.model(idx, self.cache.rows(row, row + 1))[:, -1]  # (1, V)
+            self._accept(seq, self._choose(logits, [seq])[0])
+        self._release()
+
+    def _decode(self) -> None:
+        if not self._running:
+            return
+        n = len(self._running)
+        idx = torch.tensor([[s.next_token] for s in self._running], device=self.device)  # (B, 1)
+        logits = self.model(idx, self.cache.rows(0, n))[:, -1]  # (B, V)
+        for seq, token in zip(self._running, self._choose(logits, self._running)):
+            self._accept(seq, token)
+        self._release()
+
+    def _choose(self, logits: Tensor, seqs: list[_Seq]) -> list[int]:
+        """Next token of every row of ``logits`` (B, V), each with its request's parameters."""
+        greedy = logits.argmax(dim=-1).tolist()  # one batched argmax for the common case
+        tokens = []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0.0 and not p.penalized:
+                tokens.append(greedy[row])
+                continue
+            row_logits = logits[row : row + 1]  # (1, V)
+            if p.penalized:
+                row_logits = penalize(row_logits, p, seq.prompt, seq.output)
+            tokens.append(sample_row(row_logits, p, seq.generator))
+        return tokens
+
+    def _accept(self, seq: _Seq, token: int) -> None:
+        """Record a sampled token: stream its text, or finish the request."""
+        p = seq.params
+        if token == self.eos_id or token in p.stop_token_ids:
+            self._finish(seq, "stop", counted=1)
+            return
+        seq.output.append(token)
+        text, hit = seq.text.push(seq.output, final=False)
+        if hit:
+            self._finish(seq, "stop", text=text, ids=[token])
+        elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) > self.context:
+            rest = seq.text.push(seq.output, final=True)[0]  # nothing more will come: flush
+            self._finish(seq, "length", text=text + rest, ids=[token])
+        else:
+            seq.next_token = token
+            seq.handle.emit(Event(text, [token], None, len(seq.prompt), len(seq.output)))
+
+    def _finish(self, seq: _Seq, reason: str, *, text: str | None = None,
+                ids: list[int] | None = None, counted: int = 0, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = reason
+        if text is None:  # flush what was held back for a possible stop string
+            text = seq.text.push(seq.output, final=True)[0] if seq.output else ""
+        seq.handle.emit(Event(text, ids or [], reason, len(seq.prompt),
+                              len(seq.output) + counted, error))
+
+    def _release(self) -> None:
+        """Free the slots of finished requests, moving the last running row into each hole."""
+        i = 0
+        while i < len(self._running):
+            if self._running[i].finished is None:
+                i += 1
+                continue
+            last = len(self._running) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                self._running[i] = self._running[last]
+            self._running.pop()
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._cond:
+            seqs = [*self._queue, *self._running]
+            self._queue.clear()
+        for seq in seqs:
+            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        self._running.clear()
+

@@ -1,0 +1,248 @@
+"""The Python API: ``lmforge.load(run)`` gives an object that generates and chats.
+
+    import lmforge
+    lm = lmforge.load("runs/shakespeare")
+    lm.generate("ROMEO.", max_new_tokens=50, temperature=0)
+    lm.generate(["To be", "Once more"], seed=7)              # batched together
+    for piece in lm.generate("ROMEO.", stream=True): print(piece, end="")
+    lm.chat([{"role": "user", "content": "Hi"}])             # the run's chat template
+
+    bert = lmforge.load("runs/bert")                          # an encoder (mlm) run
+    bert.fill_mask("To be or not to [MASK]")                  # top guesses per [MASK]
+    bert.embed(["first text", "second"])                      # (2, n_embd) mean-pooled states
+
+Generation goes through the continuous-batching engine (``infer/engine.py``) in the caller's
+thread: a list of prompts runs as one batch, and one prompt gives the same greedy text as
+``lmforge generate``. Not thread-safe: use one object per thread, or ``lmforge serve``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmforge.checkpoint import load_model_weights, read_meta
+from lmforge.config import ConfigError, UserError, from_dict, load_yaml
+from lmforge.data.mlm import MlmVocab
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.infer.chat import ChatTemplate, load_chat_template, stop_token_ids
+from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.infer.quant import quantize
+from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
+from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
+
+
+class LM:
+    """A loaded decoder run: ``generate`` and ``chat``; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, template: str | None = None, max_batch: int = 4,
+                 max_len: int | None = None):
+        self.loaded = loaded
+        self.model, self.tokenizer, self.run_dir = loaded.model, loaded.tokenizer, loaded.run_dir
+        self.eos_id = loaded.eos_id
+        self._template_name = template
+        self._template: ChatTemplate | None = None
+        self.engine = Engine(self.model, self.tokenizer.decode, eos_id=self.eos_id,
+                             max_batch=max_batch, max_queue=1 << 20, max_len=max_len)
+
+    def __repr__(self) -> str:
+        return f"LM({str(self.run_dir)!r}, step={self.loaded.step})"
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template: the one named at load, else the run folder's (loaded once)."""
+        if self._template is None:
+            eos = self.tokenizer.id_to_token(self.eos_id) if self.eos_id is not None else ""
+            self._template = load_chat_template(self.run_dir, self._template_name, eos or "")
+        return self._template
+
+    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None,
+                 stream: bool = False) -> str | list[str] | Iterator[str]:
+        """Continue ``prompt`` (a list of prompts runs as one batch; returns a list).
+
+        Defaults are ``lmforge generate``'s; temperature 0 is greedy. A prompt too long for the
+        context loses tokens on the left, and max_new_tokens shrinks to what the context
+        leaves. ``stream=True`` (one prompt) yields text pieces as they are made.
+        """
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                seed=seed, stop=tuple(stop or ()))
+        if isinstance(prompt, list):
+            if stream:
+                raise UserError("stream: give one prompt to stream, not a list")
+            handles = [self._submit(self._encode(p), params) for p in prompt]
+            return [h.result().text for h in handles]
+        return self._run(self._encode(prompt), params, stream)
+
+    def chat(self, messages: str | list[dict[str, Any]], *, max_new_tokens: int = 256,
+             temperature: float = 0.7, top_k: int | None = 50, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0,
+             seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+        """The assistant's reply to ``messages`` (a string is one user message)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        template = self.template
+        ids = self._chat_ids(messages, max_new_tokens)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                seed=seed, stop=template.stop,
+                                stop_token_ids=stop_token_ids(template.stop,
+                                                              self.tokenizer.token_to_id))
+        return self._run(ids, params, stream)
+
+    def fill_mask(self, text: str) -> Any:
+        """Masked-token prediction: needs an encoder (BERT) run, which this is not."""
+        raise UserError(f"{self.run_dir}: fill_mask needs an encoder (mlm) run; this is a decoder")
+
+    def classify(self, text: str) -> Any:
+        """Sequence classification: needs an encoder run with a classifier head."""
+        raise UserError(f"{self.run_dir}: classify needs an encoder run with a classifier head; "
+                        "this is a decoder")
+
+    def embed(self, text: str) -> Any:
+        """Sentence embeddings: needs an encoder run."""
+        raise UserError(f"{self.run_dir}: embed needs an encoder (mlm) run; this is a decoder")
+
+    # ----------------------------------------------------------------- helpers
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text).ids if text else []
+        if not ids and self.eos_id is not None:
+            ids = [self.eos_id]  # an empty prompt starts a fresh document, as in training
+        return ids
+
+    def _chat_ids(self, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
+        """The rendered conversation's ids, without its oldest turns while it outgrows the
+        context (system messages stay); a single turn too long is cut on the left later."""
+        context = self.engine.context
+        budget = context - min(max_new_tokens, context - 1)
+        messages = list(messages)
+        while True:
+            text = self.template.render(messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids or self._encode("")
+            turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+            if len(ids) <= budget or len(turns) <= 1:
+                return ids
+            del messages[turns[0]]
+
+    def _submit(self, ids: list[int], params: SamplingParams) -> Any:
+        """Fit prompt + max_tokens into the context (left-truncating), then queue it."""
+        block = self.engine.context
+        max_tokens = max(1, min(params.max_tokens, block - 1))
+        ids = ids[-(block - max_tokens):]
+        fitted = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
+        return self.engine.submit(ids, fitted)
+
+    def _run(self, ids: list[int], params: SamplingParams, stream: bool) -> str | Iterator[str]:
+        handle = self._submit(ids, params)
+        if stream:
+            return (event.text for event in handle if event.text)
+        return handle.result().text
+
+
+class EncoderLM:
+    """A loaded encoder (BERT, masked LM) run: ``fill_mask`` and ``embed``."""
+
+    def __init__(self, model: EncoderForMaskedLM, tokenizer: Any, run_dir: Path, step: int):
+        self.model, self.tokenizer, self.run_dir, self.step = model, tokenizer, run_dir, step
+        self.vocab = MlmVocab.from_tokenizer(tokenizer)
+
+    def __repr__(self) -> str:
+        return f"EncoderLM({str(self.run_dir)!r}, step={self.step})"
+
+    def _ids(self, text: str) -> list[int]:
+        """[CLS] text [SEP], as in training; UserError beyond the context."""
+        ids = [self.vocab.cls_id, *self.tokenizer.encode(text, add_special_tokens=False).ids,
+               self.vocab.sep_id]
+        if len(ids) > self.model.cfg.block_size:
+            raise UserError(f"text: {len(ids)} tokens with [CLS] and [SEP], but the model's "
+                            f"context is {self.model.cfg.block_size}; shorten it")
+        return ids
+
+    @torch.inference_mode()
+    def fill_mask(self, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each [MASK] in ``text``, its ``top_k`` most likely tokens and probabilities."""
+        ids = self._ids(text)
+        where = [i for i, t in enumerate(ids) if t == self.vocab.mask_id]
+        if not where:
+            raise UserError("text: has no [MASK]; put [MASK] where a token is missing")
+        device = self.model.cls.predictions.bias.device
+        logits = self.model(torch.tensor([ids], device=device))[0]  # (T, V)
+        out = []
+        for i in where:
+            probs, top = logits[i].float().softmax(-1).topk(top_k)
+            out.append([(self.tokenizer.decode([t]), p) for t, p in
+                        zip(top.tolist(), probs.tolist())])
+        return out
+
+    @torch.inference_mode()
+    def embed(self, texts: str | list[str]) -> Tensor:
+        """Mean of the last hidden states over each text's tokens: (n_embd,) or (B, n_embd)."""
+        batch = [self._ids(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        width = max(len(ids) for ids in batch)
+        device = self.model.cls.predictions.bias.device
+        ids = torch.full((len(batch), width), self.vocab.pad_id, device=device)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        hidden, _ = self.model.bert(ids, mask)  # (B, T, C)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, C)
+        return pooled[0] if isinstance(texts, str) else pooled
+
+    def classify(self, text: str) -> Any:
+        """Sequence classification: needs a classifier head, which a masked-LM run has not."""
+        raise UserError(f"{self.run_dir}: classify needs an encoder fine-tuned for "
+                        "classification; this run is a masked-LM encoder (try fill_mask, embed)")
+
+    def generate(self, *args: Any, **kw: Any) -> Any:
+        """Text generation: needs a decoder run."""
+        raise UserError(f"{self.run_dir}: an encoder does not generate text; load a decoder run")
+
+    chat = generate
+
+
+def _load_encoder(run_dir: Path, ckpt: Path, saved: dict[str, Any], device: str) -> EncoderLM:
+    try:
+        cfg = from_dict(EncoderConfig, saved.get("encoder", {}), "encoder")
+    except ConfigError as e:
+        raise UserError(f"{run_dir / 'config.yaml'}: {e}") from None
+    with torch.device("meta"):
+        model = EncoderForMaskedLM(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    load_model_weights(ckpt, model)
+    step = int(read_meta(ckpt).get("step", 0))
+    return EncoderLM(model.eval(), load_tokenizer(run_dir / "tokenizer.json"), run_dir, step)
+
+
+def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
+         max_batch: int = 4, max_len: int | None = None,
+         quant: str | None = None) -> LM | EncoderLM:
+    """Load a run folder (its latest checkpoint) or a checkpoint folder for inference.
+
+    A decoder run gives an ``LM``; an encoder (``--objective mlm``) run an ``EncoderLM``.
+    ``template`` names the chat template (``chatml`` or a .jinja file) when the run has none.
+    ``max_batch`` prompts generate at once, each in ``max_len`` positions (default: the
+    model's context; lower it for long-context models, the KV cache is preallocated).
+    ``quant`` ("int8", "int8-dynamic", "int4") quantizes a decoder's linear layers (CPU).
+    """
+    run_dir, ckpt = find_run_dir(Path(run))
+    saved = load_yaml(run_dir / "config.yaml")
+    objective = saved.get("objective", "clm")
+    if objective == "mlm":
+        return _load_encoder(run_dir, ckpt, saved, device)
+    if objective != "clm":
+        raise UserError(f"{run_dir}: lmforge.load reads decoder (clm) and encoder (mlm) runs; "
+                        f"this one is {objective!r}")
+    loaded = load_model(run, device=device)
+    if quant is not None:
+        quantize(loaded.model, quant)
+    return LM(loaded, template=template, max_batch=max_batch, max_len=max_len)

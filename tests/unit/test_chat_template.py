@@ -1,0 +1,193 @@
+"""Chat templates: built-ins, run-folder files, HF parity, the sandbox, message checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import lmforge
+from lmforge.config import UserError
+from lmforge.infer.chat import (
+    CHATML,
+    ChatTemplate,
+    check_messages,
+    load_chat_template,
+    stop_token_ids,
+)
+from lmforge.infer.engine import InvalidRequest
+from tests.serve import LMFORGE, make_tiny_run
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Who are you?"}]
+
+# In the style of real HF templates: loop controls, raise_exception, bos_token, a system
+# message pulled out of the list, tojson, whitespace control.
+HF_STYLE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = 'You are helpful.' %}{% endif %}"
+    "<<SYS>>{{ system | tojson }}<</SYS>>\n"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{% if loop.index0 > 8 %}{% break %}{% endif %}"
+    "{{ '[' + message['role'] | upper + '] ' + message['content'] | trim }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
+
+
+def test_chatml_renders_the_standard_layout() -> None:
+    template = ChatTemplate(CHATML, "chatml")
+    assert template.render(MESSAGES[:2]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert template.render(MESSAGES[:2], add_generation_prompt=False).endswith("<|im_end|>\n")
+
+
+def test_builtin_by_name_has_its_stop_string(tmp_path: Path) -> None:
+    template = load_chat_template(tmp_path, "chatml")
+    assert template.stop == ("<|im_end|>",) and template.source == CHATML
+
+
+def test_run_folder_template_file_wins_over_tokenizer_config(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "from config", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    template = load_chat_template(tmp_path)
+    assert template.render(MESSAGES) == "from config"
+    assert (template.bos_token, template.eos_token) == ("<s>", "</s>")
+    (tmp_path / "chat_template.jinja").write_text("from file {{ bos_token }}")
+    assert load_chat_template(tmp_path).render(MESSAGES) == "from file <s>"
+
+
+def test_a_saved_copy_of_a_builtin_keeps_its_stop_string(tmp_path: Path) -> None:
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert load_chat_template(tmp_path).stop == ("<|im_end|>",)
+    (tmp_path / "chat_template.jinja").write_text(CHATML + " ")
+    assert load_chat_template(tmp_path).stop == ()
+
+
+def test_tokenizer_config_list_form_uses_default(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]}))
+    assert load_chat_template(tmp_path).render(MESSAGES) == "plain"
+
+
+def test_no_template_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--template chatml"):
+        load_chat_template(tmp_path)
+    with pytest.raises(UserError, match="neither a built-in"):
+        load_chat_template(tmp_path, "no-such-template")
+
+
+def test_eos_token_falls_back_to_the_models_eos(tmp_path: Path) -> None:
+    template = load_chat_template(tmp_path, "chatml", eos_token="<|endoftext|>")
+    assert template.eos_token == "<|endoftext|>"
+
+
+def test_same_text_as_transformers_apply_chat_template() -> None:
+    transformers = pytest.importorskip("transformers")
+    from lmforge.data.tokenizer import train_bpe
+
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(["hello world"] * 10, 300), bos_token="<s>", eos_token="</s>")
+    for source in (CHATML, HF_STYLE):
+        tok.chat_template = source
+        ours = ChatTemplate(source, "test", bos_token="<s>", eos_token="</s>")
+        for messages in (MESSAGES, MESSAGES[1:3], [{"role": "user", "content": "ünï \"q\""}]):
+            for gen in (True, False):
+                theirs = tok.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=gen)
+                assert ours.render(messages, add_generation_prompt=gen) == theirs
+
+
+def test_raise_exception_is_a_bad_request() -> None:
+    template = ChatTemplate(HF_STYLE, "test")
+    with pytest.raises(InvalidRequest, match="must alternate") as info:
+        template.render([{"role": "assistant", "content": "first?"}])
+    assert info.value.param == "messages"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.append({'role': 'user', 'content': 'x'}) }}",
+    "{{ cycler.__init__.__globals__ }}",
+])
+def test_sandbox_refuses_unsafe_templates(source: str) -> None:
+    with pytest.raises(UserError, match="SecurityError"):
+        ChatTemplate(source, "evil").render(MESSAGES)
+
+
+def test_syntax_error_names_the_template() -> None:
+    with pytest.raises(UserError, match="broken.jinja"):
+        ChatTemplate("{% for %}", "broken.jinja").render(MESSAGES)
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ("hello", "messages"),
+    ([], "messages"),
+    (["hello"], "messages[0]"),
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": 3}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+     "messages[0].content"),
+])
+def test_bad_messages_name_the_field(messages: object, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_messages(messages)
+    assert info.value.param == param
+
+
+def test_text_parts_are_joined() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert check_messages([{"role": "user", "content": parts}]) == [
+        {"role": "user", "content": "ab"}]
+
+
+def test_stop_strings_that_are_one_token_become_ids() -> None:
+    vocab = {"<|im_end|>": 7}
+    assert stop_token_ids(("<|im_end|>", "\n\n"), vocab.get) == (7,)
+
+
+# --------------------------------------------------------------------------- `lmforge chat`
+
+
+def run_chat(run: Path, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LMFORGE, "chat", "--run", str(run), "--temperature", "0",
+                           "--max_new_tokens", "12", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_chat_command_streams_replies_keeps_history_and_resets(tmp_path: Path) -> None:
+    run = make_tiny_run(tmp_path)
+    lm = lmforge.load(run)
+    first = lm.chat("What is a list?", max_new_tokens=12, temperature=0.0)
+    follow = [{"role": "user", "content": "What is a list?"},
+              {"role": "assistant", "content": first}, {"role": "user", "content": "And?"}]
+    second = lm.chat(follow, max_new_tokens=12, temperature=0.0)
+    assert second != lm.chat("And?", max_new_tokens=12, temperature=0.0)  # history matters
+    proc = run_chat(run, "What is a list?\nAnd?\n/reset\nWhat is a list?\n/exit\nignored\n")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count(first) >= 2 and second in out  # the reply after /reset starts afresh
+    assert out.index(first) < out.index(second) < out.index("(conversation cleared)")
+    assert "ignored" not in out  # nothing is read after /exit
+
+
+def test_chat_command_without_a_template_is_one_line_error(tmp_path: Path) -> None:
+    run = make_tiny_run(tmp_path, chat_template=False)
+    proc = run_chat(run, "hi\n")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--template chatml" in proc.stderr
+    reply = lmforge.load(run, template="chatml").chat("hi", max_new_tokens=3)  # the fix works
+    assert isinstance(reply, str)
