@@ -1,4 +1,4 @@
-"""Hugging Face model folders in and out, for the decoder family.
+"""Hugging Face model folders in and out: the decoder family, and BERT (at the end).
 
 A Hugging Face causal-LM folder is ``config.json`` + safetensors weights (one file, or shards
 with ``model.safetensors.index.json``) + tokenizer files. Four architectures map onto our
@@ -31,6 +31,12 @@ from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.encoder import (
+    Encoder,
+    EncoderConfig,
+    EncoderForClassification,
+    EncoderForMaskedLM,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -544,3 +550,187 @@ def load_back_check(model: Decoder, folder: Path, dtype: torch.dtype) -> float:
     with torch.no_grad():
         diff = (model.eval()(idx) - theirs.eval()(idx).logits).abs().max().item()
     return diff
+
+
+# --------------------------------------------------------------------------- BERT (encoder)
+
+# architecture -> what our run holds: a masked-LM head, a classifier, or the body alone.
+# The state-dict keys are identical to ours (models/encoder.py), so tensors map by name.
+BERT_ARCHITECTURES = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify",
+                      "BertModel": "none"}
+# Non-persistent index buffers older BERT files still carry; nothing learned.
+_BERT_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Tied to word_embeddings.weight / cls.predictions.bias: transformers writes neither.
+_BERT_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+EncoderModel = EncoderForMaskedLM | EncoderForClassification | Encoder
+
+
+def bert_architecture(hf: dict[str, Any]) -> str | None:
+    """The BERT architecture a config.json names, or None (not a BERT folder)."""
+    archs = hf.get("architectures") or []
+    return archs[0] if len(archs) == 1 and archs[0] in BERT_ARCHITECTURES else None
+
+
+def encoder_config_from_hf(hf: dict[str, Any], where: str) -> EncoderConfig:
+    """A BERT config.json dict read from ``where`` -> EncoderConfig, or a one-line UserError."""
+    for key, ok in (("model_type", "bert"), ("position_embedding_type", "absolute"),
+                    ("hidden_act", "gelu"), ("is_decoder", False), ("add_cross_attention", False)):
+        if hf.get(key, ok) != ok:
+            raise UserError(f"{where}: {key}={hf[key]!r} is not supported; lmforge's BERT needs "
+                            f"{key}={ok!r}")
+    labels = hf.get("id2label") or {}
+    try:
+        return EncoderConfig(
+            vocab_size=_need(hf, "vocab_size", where),
+            block_size=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            n_layer=_need(hf, "num_hidden_layers", where),
+            n_head=_need(hf, "num_attention_heads", where), n_embd=_need(hf, "hidden_size", where),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=0.0,
+            init_std=hf.get("initializer_range", 0.02),
+            num_labels=hf.get("num_labels", len(labels) or 2),
+        )
+    except ConfigError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def load_hf_encoder(folder: Path, dtype: torch.dtype | None = None) -> tuple[EncoderModel, str]:
+    """(our model holding a BERT folder's weights, its architecture), in eval mode.
+
+    BertForMaskedLM -> EncoderForMaskedLM, BertForSequenceClassification ->
+    EncoderForClassification, BertModel -> Encoder (the body with its pooler).
+    """
+    where = folder / CONFIG_FILE
+    hf = read_json(where)
+    arch = bert_architecture(hf)
+    if arch is None:
+        raise UserError(f"{where}: architecture {hf.get('architectures')} is not a BERT; "
+                        f"lmforge imports {', '.join(BERT_ARCHITECTURES)}")
+    cfg = encoder_config_from_hf(hf, str(where))
+    head = BERT_ARCHITECTURES[arch]
+    with torch.device("meta"):  # every tensor is overwritten by the file: skip the init
+        model: EncoderModel = (EncoderForMaskedLM(cfg) if head == "mlm" else
+                               EncoderForClassification(cfg) if head == "classify"
+                               else Encoder(cfg))
+    model.to_empty(device="cpu")  # EncoderForMaskedLM re-ties its decoder in _apply
+    weights = SafetensorsFolder(folder)
+    if dtype is None and weights.files:
+        dtype = weights.get(next(iter(weights.files))).dtype
+    model.to(dtype or torch.float32)
+    _load_bert_weights(model, weights, folder, strip_bert=head == "none")
+    return model.eval(), arch
+
+
+def _load_bert_weights(model: EncoderModel, weights: SafetensorsFolder, folder: Path,
+                       strip_bert: bool) -> None:
+    """Copy tensors by (identical) name; a BertModel file may carry a 'bert.' prefix."""
+    names = {(k.removeprefix("bert.") if strip_bert else k): k for k in weights.files}
+    state, used = model.state_dict(), set()
+    hint = f"do {CONFIG_FILE} and the weights in {folder} belong together?"
+    for key, t in state.items():
+        if key in _BERT_TIED:
+            continue
+        if key not in names:
+            raise UserError(f"{folder}: tensor {key} is missing; {hint}")
+        src = weights.get(names[key])
+        if src.shape != t.shape:
+            raise UserError(f"{folder}: tensor {key} has shape {tuple(src.shape)} but "
+                            f"{CONFIG_FILE} implies {tuple(t.shape)}; {hint}")
+        with torch.no_grad():
+            t.copy_(src)
+        used.add(key)
+    extra = [k for k in names if k not in used and k not in _BERT_TIED
+             and not k.endswith(_BERT_IGNORED_SUFFIXES)]
+    if extra:
+        raise UserError(f"{folder}: tensor {extra[0]} is not used by this BERT; {hint}")
+
+
+def bert_hf_config(model: EncoderForMaskedLM | EncoderForClassification, pad_id: int | None,
+                   labels: list[str] | None) -> dict[str, Any]:
+    """The config.json dict of the BERT architecture that computes what ``model`` does."""
+    cfg = model.cfg
+    classify = isinstance(model, EncoderForClassification)
+    out: dict[str, Any] = {
+        "architectures": ["BertForSequenceClassification" if classify else "BertForMaskedLM"],
+        "model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.ffn_dim, "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+        "max_position_embeddings": cfg.block_size, "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm_eps,
+        "pad_token_id": 0 if pad_id is None else pad_id,
+        "position_embedding_type": "absolute", "tie_word_embeddings": True,
+    }
+    if classify:
+        names = labels if labels and len(labels) == cfg.num_labels else [
+            f"LABEL_{i}" for i in range(cfg.num_labels)]
+        out.update(id2label={str(i): n for i, n in enumerate(names)},
+                   label2id={n: i for i, n in enumerate(names)})
+    return out
+
+
+def write_hf_encoder_folder(model: EncoderForMaskedLM | EncoderForClassification, run_dir: Path,
+                            out: Path, *, pad_id: int | None, labels: list[str] | None,
+                            dtype: torch.dtype) -> str:
+    """config.json, model.safetensors and the tokenizer files of a BERT folder; the architecture."""
+    config = bert_hf_config(model, pad_id, labels)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tensors = {k: t.detach().to(dtype).cpu().contiguous()
+               for k, t in model.state_dict().items() if k not in _BERT_TIED}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    for name in TOKENIZER_SIDE_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        _write_tokenizer_config(out, model.cfg.block_size, None)
+    return config["architectures"][0]
+
+
+def bert_check_inputs(cfg: EncoderConfig, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, attention_mask, token_type_ids), each (2, length): the second row ends in padding
+    and both rows switch to segment B halfway, so the check covers masks and token types."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, max(1, length - length // 3):] = 0
+    types = torch.zeros(2, length, dtype=torch.long)
+    if cfg.type_vocab_size > 1:
+        types[:, length // 2:] = 1
+    return idx, mask, types
+
+
+def bert_load_back_check(model: EncoderForMaskedLM | EncoderForClassification, folder: Path,
+                         dtype: torch.dtype) -> float:
+    """Load ``folder`` with transformers (AutoModelForMaskedLM / ...SequenceClassification);
+    max |Δlogits| against ``model`` in fp32 on padded, two-segment inputs.
+
+    ``model`` is rounded in place to the written ``dtype`` (kept in fp32), as ``load_back_check``.
+    """
+    try:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise UserError("the hf export checks its output with transformers; "
+                        "pip install transformers") from None
+    classify = isinstance(model, EncoderForClassification)
+    auto = (transformers.AutoModelForSequenceClassification if classify
+            else transformers.AutoModelForMaskedLM)
+    hf_logging.disable_progress_bar()
+    try:
+        theirs, info = auto.from_pretrained(str(folder), dtype=torch.float32,
+                                            output_loading_info=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    for kind, keys in info.items():
+        if keys:
+            raise UserError(f"{folder}: transformers reports {kind} {sorted(map(str, keys))[:3]}; "
+                            "the export does not load cleanly (please report this)")
+    model.to(dtype).float()
+    idx, mask, types = bert_check_inputs(model.cfg, min(model.cfg.block_size, 64))
+    with torch.no_grad():
+        ours = model.eval()(idx, mask, types)
+        ref = theirs.eval()(input_ids=idx, attention_mask=mask, token_type_ids=types).logits
+    return (ours - ref).abs().max().item()

@@ -2,7 +2,9 @@
 
 `--format hf` writes model.safetensors, config.json (LlamaForCausalLM, Qwen2ForCausalLM,
 MistralForCausalLM or GPT2LMHeadModel, whichever computes exactly what the run's model does),
-generation_config.json and the tokenizer files, then loads them back with transformers.
+generation_config.json and the tokenizer files, then loads them back with transformers. An
+encoder run (`pretrain --objective mlm`, `finetune --task classify`) exports as
+BertForMaskedLM / BertForSequenceClassification (hf only; no model card yet).
 `--format gguf` writes one .gguf file (llama.cpp's llama architecture, --gguf_type f32, f16,
 bf16, q8_0 or q4_0, with the tokenizer and chat template), then reads it back with the gguf
 package and lmforge's GGUF import. `--format onnx` writes model.onnx (dynamic batch and
@@ -24,12 +26,23 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from lmforge.config import ConfigError, UserError, load_yaml
+from lmforge.checkpoint import load_model_weights
+from lmforge.config import ConfigError, UserError, from_dict, load_yaml
+from lmforge.data.mlm import PAD_TOKEN
+from lmforge.data.tokenizer import load_tokenizer
 from lmforge.interop import gguf, onnx
 from lmforge.interop.card import CARD_FILE, CardInfo, model_card
-from lmforge.interop.hf import TOKENIZER_SIDE_FILES, load_back_check, read_json, write_hf_folder
+from lmforge.interop.hf import (
+    TOKENIZER_SIDE_FILES,
+    bert_load_back_check,
+    load_back_check,
+    read_json,
+    write_hf_encoder_folder,
+    write_hf_folder,
+)
 from lmforge.models.decoder import Decoder
-from lmforge.recipes.common import LoadedModel, load_model
+from lmforge.models.encoder import EncoderConfig, EncoderForClassification, EncoderForMaskedLM
+from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
 from lmforge.utils.io import atomic_dir
 
 EXAMPLES = """
@@ -203,6 +216,61 @@ def write_export(loaded: LoadedModel, out: Path, cfg: Config, console: Console,
     (out / CARD_FILE).write_text(model_card(info), encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- encoder runs
+
+
+def _encoder_kind(run: str) -> str | None:
+    """"mlm" (`pretrain --objective mlm`), "classify" (`finetune --task classify`) or None."""
+    run_dir, _ = find_run_dir(Path(run))
+    saved = load_yaml(run_dir / "config.yaml")
+    if saved.get("objective") == "mlm":
+        return "mlm"
+    return "classify" if saved.get("task") == "classify" else None
+
+
+def load_encoder_run(run: str) -> tuple[EncoderForMaskedLM | EncoderForClassification, Path, Path]:
+    """(model in eval mode, run dir, checkpoint) of an encoder run."""
+    run_dir, ckpt = find_run_dir(Path(run))
+    saved = load_yaml(run_dir / "config.yaml")
+    try:
+        ecfg = from_dict(EncoderConfig, saved.get("encoder", {}), "encoder")
+    except ConfigError as e:
+        raise UserError(f"{run_dir / 'config.yaml'}: {e}") from None
+    kind = EncoderForMaskedLM if saved.get("objective") == "mlm" else EncoderForClassification
+    with torch.device("meta"):
+        model = kind(ecfg)
+    model.to_empty(device="cpu")
+    load_model_weights(ckpt, model)
+    return model.eval(), run_dir, ckpt
+
+
+def export_encoder(cfg: Config, console: Console) -> Path:
+    """A BERT run -> a BertForMaskedLM / BertForSequenceClassification folder, checked against
+    transformers on padded two-segment inputs; the checkpoint exported."""
+    if cfg.format != "hf":
+        raise UserError(f"{cfg.run}: an encoder run exports only as --format hf, "
+                        f"not {cfg.format}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or another --out")
+    model, run_dir, ckpt = load_encoder_run(cfg.run)
+    labels = load_yaml(run_dir / "config.yaml").get("labels")
+    pad_id = load_tokenizer(run_dir / "tokenizer.json").token_to_id(PAD_TOKEN)
+    dtype = DTYPES[cfg.dtype]
+    t0 = time.perf_counter()
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        arch = write_hf_encoder_folder(model, run_dir, tmp, pad_id=pad_id, labels=labels,
+                                       dtype=dtype)
+        diff = bert_load_back_check(model, tmp, dtype)
+        console.print(f"load-back check (transformers: {arch}; fp32, padded, two segments): "
+                      f"max |Δlogits| = {diff:.2e} (tolerance {cfg.limit:g}; export and check "
+                      f"took {time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
+        if not diff <= cfg.limit:  # also catches NaN
+            raise UserError(f"{cfg.out}: transformers' logits differ from lmforge's by "
+                            f"{diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+    return ckpt
+
+
 def export(cfg: Config, console: Console, repo: str | None = None) -> LoadedModel:
     """Load the run, write the export under a temporary name, check it, rename it into place.
 
@@ -222,7 +290,10 @@ def export(cfg: Config, console: Console, repo: str | None = None) -> LoadedMode
 def main(cfg: Config) -> int:
     """Export the run as --format into --out."""
     console = Console(highlight=False)
-    loaded = export(cfg, console)
-    console.print(f"exported {loaded.checkpoint} as {cfg.format} -> {cfg.out}", markup=False,
+    if _encoder_kind(cfg.run) is not None:
+        ckpt = export_encoder(cfg, console)
+    else:
+        ckpt = export(cfg, console).checkpoint
+    console.print(f"exported {ckpt} as {cfg.format} -> {cfg.out}", markup=False,
                   soft_wrap=True)
     return 0

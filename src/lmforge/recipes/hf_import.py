@@ -1,4 +1,5 @@
-"""Import a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2) or a GGUF file as a run folder.
+"""Import a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2), a BERT (BertForMaskedLM,
+BertForSequenceClassification) or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
 (when online), or a llama.cpp .gguf file (llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1
@@ -27,12 +28,15 @@ from lmforge.interop import gguf
 from lmforge.interop.hf import (
     CONFIG_FILE,
     TOKENIZER_FILE,
+    bert_architecture,
     copy_tokenizer,
+    load_hf_encoder,
     load_hf_model,
     read_json,
     resolve_source,
     special_token_id,
 )
+from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
 from lmforge.utils.io import atomic_dir
 
 POSITIONAL = ("src",)
@@ -80,8 +84,10 @@ def main(cfg: Config) -> int:
     if src.suffix == ".gguf" and not src.exists():  # else it would be tried as a Hub name
         raise UserError(f"{cfg.src}: no such file")
     folder = resolve_source(cfg.src)
-    model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     hf = read_json(folder / CONFIG_FILE)
+    if bert_architecture(hf) is not None:
+        return import_bert(cfg, folder, out)
+    model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         copy_tokenizer(folder, tmp)
         tok = load_tokenizer(tmp / TOKENIZER_FILE)
@@ -99,6 +105,47 @@ def main(cfg: Config) -> int:
         f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
         f"{model.cfg.n_layer} layers, width {model.cfg.n_embd}, context {model.cfg.block_size}, "
         f"eos id {eos_id}\n-> {out}    try: lmforge generate --run {out} --greedy",
+        markup=False, soft_wrap=True,
+    )
+    return 0
+
+
+def import_bert(cfg: Config, folder: Path, out: Path) -> int:
+    """A BertForMaskedLM / BertForSequenceClassification folder -> an encoder run folder.
+
+    config.yaml is what the run would hold had lmforge trained it: a masked LM as
+    `pretrain --objective mlm` writes it (objective + encoder), a classifier as
+    `finetune --task classify` does (encoder + task + labels).
+    """
+    hf = read_json(folder / CONFIG_FILE)
+    if bert_architecture(hf) == "BertModel":
+        raise UserError(f"{folder / CONFIG_FILE}: BertModel has no head, so a run could not "
+                        "use it; lmforge import takes BertForMaskedLM or "
+                        "BertForSequenceClassification")
+    model, arch = load_hf_encoder(folder, DTYPES.get(cfg.dtype))
+    assert isinstance(model, EncoderForMaskedLM | EncoderForClassification)
+    record: dict[str, Any] = {"source": cfg.src, "architecture": arch}
+    if isinstance(model, EncoderForMaskedLM):
+        record.update(objective="mlm", encoder=to_dict(model.cfg))
+    else:
+        id2label = hf.get("id2label") or {}
+        labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")))
+                  for i in range(model.cfg.num_labels)]
+        record.update(encoder=to_dict(model.cfg), task="classify", labels=labels)
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        copy_tokenizer(folder, tmp)
+        tok = load_tokenizer(tmp / TOKENIZER_FILE)
+        if vocab_size_of(tok) > model.cfg.vocab_size:
+            raise UserError(f"{folder}: the tokenizer has ids up to {vocab_size_of(tok) - 1} "
+                            f"but vocab_size is {model.cfg.vocab_size}; wrong tokenizer files?")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+        save_checkpoint(tmp, TrainState(), model, None,
+                        info={"source": cfg.src, "architecture": arch, "folder": str(folder)})
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    Console(highlight=False).print(
+        f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
+        f"{model.cfg.n_layer} layers, width {model.cfg.n_embd}, context {model.cfg.block_size}"
+        f"\n-> {out}    try: lmforge export --run {out} --format hf --out exports/NAME",
         markup=False, soft_wrap=True,
     )
     return 0
