@@ -6,10 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   := data/shakespeare
 STAMP  := $(VENV)/.lmforge-installed
+DEVSTAMP := $(VENV)/.lmforge-dev-installed
 
-.PHONY: run test setup lint clean
+.PHONY: run test setup setup-dev lint clean
 
 setup: $(STAMP)
+setup-dev: $(DEVSTAMP)
 
 # The pinned CPU torch goes in first: lmforge itself declares a torch range, so a GPU user's own
 # torch build is kept, and pip never pulls gigabytes of CUDA wheels on our CPU machines.
@@ -17,14 +19,20 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+# The tests also need the references we compare against (transformers, onnxruntime, gguf,
+# the openai client) and the optional extras they exercise.
+$(DEVSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(DEVSTAMP)
 
 run: setup
 	@test -f $(DATA)/manifest.json || $(BIN)/lmforge data prepare --out $(DATA)
 	$(BIN)/lmforge pretrain --data $(DATA) --run shakespeare --overwrite
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 

@@ -97,7 +97,7 @@ from lmforge.utils.io import atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
-from lmforge.utils.trackers import make_trackers
+from lmforge.utils.trackers import check_trackers, make_trackers
 
 Objective = Literal["clm", "mlm", "seq2seq"]
 OBJECTIVES: tuple[Objective, ...] = ("clm", "mlm", "seq2seq")
@@ -618,6 +618,7 @@ def _main(cfg: Config, info: DistInfo) -> int:
     cfg, task = _build_task(cfg, gen, info)  # reads and checks the data, builds the model
     run_dir = Path(cfg.runs_dir) / cfg.run
     if info.is_main:
+        check_trackers(cfg.train.trackers)
         _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(info)

@@ -97,6 +97,25 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_MODULES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+            "wandb": ("wandb", "pip install wandb"),
+            "mlflow": ("mlflow", "pip install mlflow")}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before a run touches the disk if a tracker is unknown or not installed."""
+    import importlib.util
+
+    for n in names:
+        if n not in _MODULES:
+            raise UserError(f"--train.trackers: unknown tracker '{n}'; use tensorboard, wandb "
+                            "or mlflow")
+        module, install = _MODULES[n]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--train.trackers: '{n}' is not installed ({install}), or drop it "
+                            "from --train.trackers")
+
+
 def make_trackers(names: list[str], run_dir: Path, name: str,
                   config: dict[str, Any]) -> list[Tracker]:
     """Build the trackers named in ``--trackers`` (tensorboard, wandb, mlflow)."""
