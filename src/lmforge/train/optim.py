@@ -23,10 +23,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters, configured by ``cfg``."""
+    """AdamW over ``model``'s trainable parameters, configured by ``cfg``.
+
+    The fused implementation (one kernel for all parameters) is used for plain tensors: on
+    llama-6m with one CPU thread it cut the optimizer step from 71 ms to 20 ms (foreach: 113 ms;
+    benchmarks/, 2026-11-22). Sharded (FSDP2 DTensor) parameters keep the default path.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups = param_groups(model, cfg.weight_decay)
+    plain = all(not isinstance(p, DTensor) for g in groups for p in g["params"])
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
+        fused=True if plain else None,
     )
