@@ -1,0 +1,151 @@
+"""Data preparation throughput (MB/s) and peak memory at ~10 MB and ~100 MB of input.
+
+The input is JSONL made of CPython's documentation topics (``pydoc_data.topics``, offline)
+repeated with a unique header line per copy, so de-duplication keeps every document. Each
+run is a fresh `lmforge data prepare` subprocess (train a 4,096-token BPE, encode, write
+shards); its peak RSS is read with ``resource.getrusage(RUSAGE_CHILDREN)`` in a small wrapper
+process that runs nothing else. The peer is the bare ``tokenizers`` pipeline a user would
+write by hand on the same file: stream it, train the same byte-level BPE, ``encode_batch``,
+append uint16 ids to one file — no cleaning, de-duplication, validation split or report.
+
+    python benchmarks/data_prepare.py [--sizes 10,100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import Section
+
+from lmforge.data.corpora import pydoc_topics_text
+
+# Runs a command and prints its wall time and the peak RSS of its process tree (KiB on Linux).
+WRAPPER = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+dt = time.perf_counter() - t0
+print(json.dumps({"rc": rc, "seconds": dt,
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+# The hand-written peer: the same tokenizer training and encoding, nothing else.
+PEER = """
+import json, sys
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+src, out = sys.argv[1], sys.argv[2]
+def texts():
+    with open(src, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                              show_progress=False)
+tok.train_from_iterator(texts(), trainer=trainer)
+eos = tok.token_to_id("<|endoftext|>")
+with open(out, "wb") as f:
+    batch = []
+    for text in texts():
+        batch.append(text)
+        if len(batch) == 1000:
+            for enc in tok.encode_batch(batch):
+                np.asarray(enc.ids + [eos], dtype=np.uint16).tofile(f)
+            batch = []
+    for enc in tok.encode_batch(batch):
+        np.asarray(enc.ids + [eos], dtype=np.uint16).tofile(f)
+"""
+
+
+def make_corpus(path: Path, megabytes: float) -> int:
+    """Write ~``megabytes`` MB of JSONL documents with unique first lines; return its bytes."""
+    topics = sorted(pydoc_topics_text().items())
+    target, written, copy = megabytes * 1e6, 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            for name, text in topics:
+                line = json.dumps({"text": f"{name} (copy {copy})\n{text}"}) + "\n"
+                f.write(line)
+                written += len(line.encode("utf-8"))
+            copy += 1
+    return path.stat().st_size
+
+
+def measured(cmd: list[str]) -> dict:
+    """Wall seconds and peak RSS (bytes) of ``cmd``, run under the wrapper."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True,
+                          text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed with exit code {result['rc']}")
+    return {"seconds": result["seconds"], "peak_rss": result["maxrss_kib"] * 1024}
+
+
+def measure(megabytes: float, work: Path, repeats: int) -> dict:
+    """lmforge and the peer on one corpus size, alternated; the best of ``repeats`` each.
+
+    The best (not the median) of a few: a shared machine's load only ever slows a run down.
+    """
+    src = work / f"corpus_{megabytes:g}mb.jsonl"
+    size = make_corpus(src, megabytes)
+    out, peer_out = work / f"out_{megabytes:g}", work / f"peer_{megabytes:g}.bin"
+    cmds = {
+        "lmforge": [sys.executable, "-m", "lmforge.cli", "data", "prepare", str(src), "--out",
+                    str(out), "--vocab_size", "4096", "--overwrite"],
+        "peer": [sys.executable, "-c", PEER, str(src), str(peer_out)],
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            runs[name].append(measured(cmd))
+    best = {name: min(r, key=lambda x: x["seconds"]) for name, r in runs.items()}
+    return {"megabytes": size / 1e6, **best}
+
+
+def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
+    """The RESULTS.md section."""
+    section = Section(
+        title="Data preparation: `lmforge data prepare` vs a bare `tokenizers` script",
+        method=("JSONL of `pydoc_data.topics` documents repeated with unique header lines; "
+                "train a 4,096-token byte-level BPE, encode, write shards; each run a fresh "
+                "subprocess, peak RSS from `getrusage(RUSAGE_CHILDREN)`. The peer trains the "
+                "same BPE and `encode_batch`es the same file with no cleaning, dedup, val split "
+                f"or report. MB = 10^6 bytes of input file. The two alternate, {repeats} runs "
+                "each; the fastest run of each is shown (load only ever slows a run)."),
+        columns=["input", "lmforge MB/s", "peer MB/s", "ratio lmforge / peer (speed)",
+                 "lmforge peak RSS", "peer peak RSS", "lmforge RSS vs smallest input"],
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-data-") as tmp:
+        for mb in sizes:
+            results.append(measure(mb, Path(tmp), repeats))
+    base_rss = results[0]["lmforge"]["peak_rss"]
+    for r in results:
+        ours, peer = r["lmforge"], r["peer"]
+        ours_speed = r["megabytes"] / ours["seconds"]
+        peer_speed = r["megabytes"] / peer["seconds"]
+        section.rows.append([
+            f"{r['megabytes']:.1f} MB", f"{ours_speed:.2f}", f"{peer_speed:.2f}",
+            f"**{ours_speed / peer_speed:.2f}**", f"{ours['peak_rss'] / 2**20:.0f} MiB",
+            f"{peer['peak_rss'] / 2**20:.0f} MiB", f"{ours['peak_rss'] / base_rss:.2f}x"])
+    return section
+
+
+def main() -> None:
+    """Command line: print the section."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10,100", help="input sizes in MB, comma-separated")
+    args = ap.parse_args()
+    print(run(tuple(float(s) for s in args.sizes.split(","))).markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Run the whole benchmark suite and write benchmarks/RESULTS.md.
+
+    python benchmarks/run.py                  # everything (~10-15 minutes on 2 CPU cores)
+    python benchmarks/run.py --only train     # one part: train, data, memory
+
+Benchmarks are never part of `make test`: timing lives here, as ratios against a peer
+measured in the same run, with the absolute numbers beside them. The machine, the date, the
+library versions and the load average (before and after) head the file, because on a shared
+machine the load decides how far the absolute numbers can be trusted; the ratios, measured
+interleaved, are sturdier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import Section, load_average, machine
+
+from lmforge.utils.io import atomic_write_text
+
+HERE = Path(__file__).resolve().parent
+
+GENERATION_PLACEHOLDER = """## Generation (reserved)
+
+Generation benchmarks (prefill and decode tokens/s against a peer) are owned by another issue
+and will be added here by it. No rows yet: nothing has been measured.
+"""
+
+
+def parts() -> dict[str, Callable[[], Section]]:
+    """Each part of the suite by name; imported lazily so --only skips the others' imports."""
+
+    def train() -> Section:
+        import train_step
+
+        return train_step.run()
+
+    def data() -> Section:
+        import data_prepare
+
+        return data_prepare.run()
+
+    def memory() -> Section:
+        import plan_memory
+
+        return plan_memory.run()
+
+    return {"train": train, "data": data, "memory": memory}
+
+
+def render(sections: list[Section], facts: dict[str, str], started: str, load: tuple[str, str],
+           seconds: float) -> str:
+    """The whole RESULTS.md."""
+    head = [
+        "# lmforge benchmarks",
+        "",
+        "Written by `python benchmarks/run.py`; do not edit by hand. Ratios compare lmforge "
+        "with a peer measured in the same run; absolute numbers stand beside them.",
+        "",
+        f"- date: {started}",
+        f"- machine: {facts['cpu']}; {facts['os']}",
+        f"- Python {facts['python']}; {facts['versions']}",
+        f"- load average (1/5/15 min): {load[0]} before, {load[1]} after; suite took "
+        f"{seconds / 60:.1f} min",
+        "",
+    ]
+    body = [s.markdown() for s in sections]
+    return "\n".join(head) + "\n" + "\n".join(body) + "\n" + GENERATION_PLACEHOLDER
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts and write RESULTS.md (or --out)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="train,data,memory",
+                    help="comma-separated parts: train, data, memory")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    table = parts()
+    chosen = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in table]
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load_before, t0 = load_average(), time.perf_counter()
+    sections = []
+    for name in chosen:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        sections.append(table[name]())
+        print(sections[-1].markdown(), file=sys.stderr, flush=True)
+    text = render(sections, machine(), started, (load_before, load_average()),
+                  time.perf_counter() - t0)
+    atomic_write_text(args.out, text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
