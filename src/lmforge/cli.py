@@ -17,9 +17,22 @@ from typing import Any
 
 COMMANDS: dict[str, str] = {
     "data prepare": "lmforge.recipes.data_prepare",
+    "data synth": "lmforge.recipes.data_synth",
+    "data check": "lmforge.recipes.data_check",
     "pretrain": "lmforge.recipes.pretrain",
+    "finetune": "lmforge.recipes.finetune",
+    "merge": "lmforge.recipes.merge",
+    "eval": "lmforge.recipes.eval",
     "generate": "lmforge.recipes.generate",
+    "chat": "lmforge.recipes.chat",
+    "serve": "lmforge.recipes.serve",
+    "runs": "lmforge.recipes.runs",
+    "import": "lmforge.recipes.hf_import",
+    "export": "lmforge.recipes.export",
+    "push": "lmforge.recipes.push",
     "env": "lmforge.recipes.env",
+    "plan": "lmforge.recipes.plan",
+    "sweep": "lmforge.recipes.sweep",
 }
 
 
