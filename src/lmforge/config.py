@@ -448,6 +448,9 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device at the training precision (e.g. 989 for an H100 in bf16),
     to log MFU = achieved / peak FLOPs; null = MFU not logged."""
+    profile: bool = False
+    """Profile optimizer steps 3-5 with torch.profiler: a trace for TensorBoard / Perfetto in
+    runs/<name>/profile/ and a table of the top operators (profile/top_ops.txt)."""
     trackers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers: tensorboard (event files in the run folder), wandb, mlflow; [] = only
     metrics.jsonl."""

@@ -113,3 +113,15 @@ def test_runs_lists_the_finished_run_and_shows_its_curves(trained: Path, workdir
     assert shown.returncode == 0, shown.stderr
     assert (trained / "loss.png").is_file()
     assert_user_error(lmforge("runs", "--show", "nope", cwd=workdir), "nope")
+
+
+def test_profile_writes_a_trace_and_a_top_ops_table(workdir: Path):
+    proc = lmforge("pretrain", "--data", "prepared", "--run", "profiled", *TINY_MODEL,
+                   "--train.max_steps", "6", "--train.batch_size", "4", "--train.profile",
+                   "--sample_tokens", "0", "--train.eval_tokens", "1024", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    profile = workdir / "runs" / "profiled" / "profile"
+    traces = [p for p in profile.iterdir() if p.name.endswith(".pt.trace.json")]
+    assert traces and traces[0].stat().st_size > 0
+    top = (profile / "top_ops.txt").read_text()
+    assert "Self CPU" in top and "aten::" in top

@@ -15,6 +15,7 @@ tokens with fixed masks. seq2seq: teacher-forced source -> target on a pairs fol
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -657,10 +658,14 @@ def _main(cfg: Config, info: DistInfo) -> int:
     try:
         trackers = (make_trackers(cfg.train.trackers, run_dir, cfg.run, saved_config(cfg))
                     if info.is_main else [])
+        rt.profiler = _profiler(run_dir) if cfg.train.profile and info.is_main else None
         with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
-                       start_step=state.step, enabled=info.is_main, trackers=trackers) as log:
+                       start_step=state.step, enabled=info.is_main, trackers=trackers) as log, \
+                rt.profiler or contextlib.nullcontext():
             state = train(tr.model, tr.optimizer, batches, task.loss_fn, cfg.train, cfg.optim,
                           state, log, LoopHooks(task.evaluate, save), rt)
+        if rt.profiler is not None:
+            _profile_report(run_dir, console)
     except torch.OutOfMemoryError:
         _explain_oom(cfg, info, console)
         raise UserError("CUDA out of memory; see the breakdown and settings above") from None
@@ -699,3 +704,33 @@ def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
     total = torch.cuda.get_device_properties(info.device).total_memory
     for line in oom_report(cfg.model, settings, total):
         console.print(line, markup=False)
+
+
+def _profiler(run_dir: Path) -> torch.profiler.profile:
+    """Skip 1 step, warm up 1, record 3: steps 3-5 (the first steps pay one-off costs)."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    write_trace = tensorboard_trace_handler(str(run_dir / "profile"))
+
+    def on_ready(prof: torch.profiler.profile) -> None:
+        # the recorded events are only available here, before the profiler moves on
+        write_trace(prof)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=15)
+        atomic_write_text(run_dir / "profile" / "top_ops.txt", table + "\n")
+
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3),
+                   on_trace_ready=on_ready)
+
+
+def _profile_report(run_dir: Path, console: Console) -> None:
+    """Print the operators that took the most time in the profiled steps."""
+    top = run_dir / "profile" / "top_ops.txt"
+    if not top.is_file():
+        console.print("profile: the run had fewer than 5 steps, nothing was recorded")
+        return
+    console.print(top.read_text(), markup=False, highlight=False)
+    console.print(f"profile trace: {run_dir / 'profile'} (tensorboard --logdir, or ui.perfetto.dev)")

@@ -52,6 +52,8 @@ class Runtime:
     """Training FLOPs per token (6N + attention) of the model, for MFU."""
     peak_flops: float | None = None
     """Peak dense FLOP/s of one device at the training precision; None = MFU not reported."""
+    profiler: torch.profiler.profile | None = None
+    """Advanced once per optimizer step when profiling (its schedule picks the steps)."""
 
 
 def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -142,6 +144,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens += tokens_all
+        if rt.profiler is not None:
+            rt.profiler.step()
         if not finite:
             bad_streak += 1
             log.log({"kind": "skip", "step": state.step, "loss": loss_value,
