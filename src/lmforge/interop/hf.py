@@ -495,12 +495,7 @@ def write_hf_folder(model: Decoder, run_dir: Path, out: Path, *, bos_id: int | N
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
     (out / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    for name in TOKENIZER_SIDE_FILES:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, out / name)
-    if not (out / "tokenizer_config.json").is_file():
-        _write_tokenizer_config(out, model.cfg.block_size, eos_id)
+    _export_tokenizer_files(run_dir, out, model.cfg.block_size, eos_id)
     return arch
 
 
@@ -680,13 +675,19 @@ def write_hf_encoder_folder(model: EncoderForMaskedLM | EncoderForClassification
                for k, t in model.state_dict().items() if k not in _BERT_TIED}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _export_tokenizer_files(run_dir, out, model.cfg.block_size, None)
+    return config["architectures"][0]
+
+
+def _export_tokenizer_files(run_dir: Path, out: Path, block_size: int,
+                            eos_id: int | None) -> None:
+    """tokenizer.json and its side files (config, template) from the run; a config if none."""
     shutil.copyfile(run_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
     for name in TOKENIZER_SIDE_FILES:
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
     if not (out / "tokenizer_config.json").is_file():
-        _write_tokenizer_config(out, model.cfg.block_size, None)
-    return config["architectures"][0]
+        _write_tokenizer_config(out, block_size, eos_id)
 
 
 def bert_check_inputs(cfg: EncoderConfig, length: int) -> tuple[Tensor, Tensor, Tensor]:

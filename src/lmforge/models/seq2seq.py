@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError
+from lmforge.models.decoder import KVCache
 
 # --------------------------------------------------------------------------- config
 
@@ -145,39 +146,25 @@ def sinusoid_table(block_size: int, n_embd: int, device: torch.device | None = N
     return torch.cat((angles.sin(), angles.cos()), dim=-1)  # (block_size, C)
 
 
-class Seq2SeqCache:
+class Seq2SeqCache(KVCache):
     """What incremental decoding keeps per decoder layer.
 
-    Self-attention keys/values are preallocated (n_layer, B, H, max_len, D) and filled left to
-    right (``length`` positions). Cross-attention keys/values depend only on the encoder output,
-    so each layer computes them once, on its first call, and ``cross[layer]`` keeps them.
+    Self-attention keys/values are the decoder's preallocated ``KVCache`` (n_layer, B, H,
+    max_len, D), filled left to right (``length`` positions). Cross-attention keys/values depend
+    only on the encoder output, so each layer computes them once, on its first call, and
+    ``cross[layer]`` keeps them.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(n_layer, batch, n_head, max_len, head_dim, dtype, device)
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
-        self.length = 0
 
-    @property
-    def batch(self) -> int:
-        """Batch size the cache was allocated for."""
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        """Number of target positions the cache can hold."""
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write new k, v (B, H, T, D) at [length, length+T); return all (B, H, P, D) so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def reset(self) -> None:
+        """Forget every position and the cross-attention keys/values of the last source."""
+        super().reset()
+        self.cross = [None] * len(self.cross)
 
 
 def causal_mask(T: int, past: int, device: torch.device) -> Tensor | None:

@@ -58,7 +58,7 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     with torch.device("meta"):
         model = Decoder(mcfg)
     model.to_empty(device=device)
-    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten next
+    model.init_buffers()  # rotary/sinusoid tables only: every weight is loaded next
     load_model_weights(ckpt, model)
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")

@@ -89,17 +89,11 @@ def main(cfg: Config) -> int:
         return import_bert(cfg, folder, out)
     model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        copy_tokenizer(folder, tmp)
-        tok = load_tokenizer(tmp / TOKENIZER_FILE)
-        if vocab_size_of(tok) > model.cfg.vocab_size:
-            raise UserError(f"{folder}: the tokenizer has ids up to {vocab_size_of(tok) - 1} "
-                            f"but vocab_size is {model.cfg.vocab_size}; wrong tokenizer files?")
+        tok = _copy_checked_tokenizer(folder, tmp, model.cfg.vocab_size)
         bos_id, eos_id = (special_token_id(folder, hf, name, tok) for name in ("bos", "eos"))
         record = {"source": cfg.src, "architecture": arch, "bos_id": bos_id, "eos_id": eos_id,
                   "model": to_dict(model.cfg)}
-        (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
-        save_checkpoint(tmp, TrainState(), model, None,
-                        info={"source": cfg.src, "architecture": arch, "folder": str(folder)})
+        _write_run(tmp, record, model, cfg.src, arch, folder)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     Console(highlight=False).print(
         f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
@@ -108,6 +102,24 @@ def main(cfg: Config) -> int:
         markup=False, soft_wrap=True,
     )
     return 0
+
+
+def _copy_checked_tokenizer(folder: Path, tmp: Path, vocab_size: int) -> Any:
+    """Copy the folder's tokenizer into the run; refuse one with ids beyond the model's vocab."""
+    copy_tokenizer(folder, tmp)
+    tok = load_tokenizer(tmp / TOKENIZER_FILE)
+    if vocab_size_of(tok) > vocab_size:
+        raise UserError(f"{folder}: the tokenizer has ids up to {vocab_size_of(tok) - 1} "
+                        f"but vocab_size is {vocab_size}; wrong tokenizer files?")
+    return tok
+
+
+def _write_run(tmp: Path, record: dict[str, Any], model: Any, src: str, arch: str,
+               folder: Path) -> None:
+    """config.yaml and a step-0 checkpoint: what makes a folder an lmforge run."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+    save_checkpoint(tmp, TrainState(), model, None,
+                    info={"source": src, "architecture": arch, "folder": str(folder)})
 
 
 def import_bert(cfg: Config, folder: Path, out: Path) -> int:
@@ -133,14 +145,8 @@ def import_bert(cfg: Config, folder: Path, out: Path) -> int:
                   for i in range(model.cfg.num_labels)]
         record.update(encoder=to_dict(model.cfg), task="classify", labels=labels)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        copy_tokenizer(folder, tmp)
-        tok = load_tokenizer(tmp / TOKENIZER_FILE)
-        if vocab_size_of(tok) > model.cfg.vocab_size:
-            raise UserError(f"{folder}: the tokenizer has ids up to {vocab_size_of(tok) - 1} "
-                            f"but vocab_size is {model.cfg.vocab_size}; wrong tokenizer files?")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
-        save_checkpoint(tmp, TrainState(), model, None,
-                        info={"source": cfg.src, "architecture": arch, "folder": str(folder)})
+        _copy_checked_tokenizer(folder, tmp, model.cfg.vocab_size)
+        _write_run(tmp, record, model, cfg.src, arch, folder)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     Console(highlight=False).print(
         f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
