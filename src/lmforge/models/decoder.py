@@ -381,10 +381,13 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables."""
         B, T, _ = x.shape
-        H, G, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
-        v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        D = self.cfg.head_dim
+        # Heads are counted from the projections, not the config: under tensor parallelism
+        # (parallel.apply_tp) each rank holds n_head/tp query and kv_heads/tp key/value heads.
+        q = self.q_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
+        H, G = q.shape[1], k.shape[1]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
@@ -404,7 +407,7 @@ class Attention(nn.Module):
             # training step ~2% and 1-token decode ~8% faster. Needs torch>=2.5.
             enable_gqa=G != H,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C), or C/tp per TP rank
         return self.resid_drop(self.o_proj(y))
 
 
