@@ -10,10 +10,23 @@ A run directory holds its checkpoints and two pointer files::
         rng.safetensors                   # torch CPU/CUDA, numpy and Python RNG + caller's extras
         meta.json                         # TrainState, caller's info, optimizer's non-tensor part
 
+A run sharded with FSDP writes its checkpoints in parallel instead, every rank its own shard,
+through ``torch.distributed.checkpoint`` (DCP) with its safetensors storage::
+
+    <run>/checkpoints/step_00000200/
+        model/shard-0000R-model-00001-of-00001.safetensors      # rank R's slice of every tensor
+        optimizer/shard-0000R-model-00001-of-00001.safetensors  # keys like layer.weight.exp_avg
+        rng.safetensors, meta.json                              # as above; "layout": "sharded"
+
+Each shard records its slices' offsets as JSON in the safetensors header, so DCP reassembles the
+tensors for any world size, or whole in one process (``load_model_weights``, ``load_checkpoint``);
+DCP's default format would add a pickled ``.metadata`` file, which this layout has no need of.
+
 Tensors live in safetensors and everything else in JSON, so opening a checkpoint someone sent
 you never runs their code (``torch.load`` is not used at all). Each step directory is built under
 a temporary name and renamed into place once every file is fsynced, and meta.json is written last:
-a ``step_*`` directory with a valid meta.json is complete. Save on rank 0 only.
+a ``step_*`` directory with a valid meta.json is complete. Save on rank 0 only, except
+``save_sharded_checkpoint`` (every rank calls it).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +50,20 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from lmforge.config import UserError
-from lmforge.utils.io import atomic_dir, atomic_write_text
+from lmforge.utils.io import atomic_dir, atomic_write_text, publish_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lmforge-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this lmforge reads; single-file checkpoints are still written as 1
+SINGLE_FILE_VERSION = 1
+SHARDED_VERSION = 2
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 META_FILE = "meta.json"
+SHARDED_MODEL = "model"  # folders of DCP safetensors shards in a sharded checkpoint
+SHARDED_OPTIMIZER = "optimizer"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -308,9 +326,29 @@ def _apply_model(model: nn.Module, matched: tuple[dict[str, torch.Tensor], set[s
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load weights only (for generate/eval) from a checkpoint dir or a run dir's latest one."""
     ckpt = _resolve(path)
-    _check_meta(ckpt)
-    weights, _ = _load_tensors(ckpt / MODEL_FILE)
+    weights = _load_weights(ckpt, _check_meta(ckpt))
     _apply_model(model, _match_model(ckpt, weights, model))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a checkpoint (or a run's latest), whole, on CPU, by clean name."""
+    ckpt = _resolve(path)
+    return _load_weights(ckpt, _check_meta(ckpt))
+
+
+def is_sharded(meta: dict) -> bool:
+    """True for a checkpoint written by ``save_sharded_checkpoint`` (given its meta.json)."""
+    return meta.get("layout") == "sharded"
+
+
+def _load_weights(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Every model tensor of a checkpoint, whole, on CPU (either layout)."""
+    if not is_sharded(meta):
+        return _load_tensors(ckpt / MODEL_FILE)[0]
+    weights = _read_whole(ckpt / SHARDED_MODEL)
+    for alias, canonical in meta.get("aliases", {}).items():
+        weights[alias] = weights[canonical]
+    return weights
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -435,19 +473,25 @@ def _write_checkpoint(
         opt_json = _split_tensors(optimizer.state_dict(), "", opt_tensors)
         _save_tensors(out / OPTIMIZER_FILE, opt_tensors)
         files.append(OPTIMIZER_FILE)
+    _write_rng_and_meta(out, state, extra, info, files,
+                        {"format_version": SINGLE_FILE_VERSION, "optimizer": opt_json})
+
+
+def _write_rng_and_meta(out: Path, state: TrainState, extra: dict[str, torch.Tensor],
+                        info: dict, files: list[str], record: dict) -> None:
+    """rng.safetensors, then meta.json (the completion mark) listing ``files`` and ``record``."""
     rng_tensors, rng_info = _rng_snapshot(extra)
     _save_tensors(out / RNG_FILE, rng_tensors, rng_info)
-    files.append(RNG_FILE)
     record = {
         "info": info,
-        "optimizer": opt_json,
         "extra": sorted(extra),
-        "files": files,
+        "files": [*files, RNG_FILE],
         "torch_version": torch.__version__,
+        **record,
     }
     progress = dataclasses.asdict(state)  # step, tokens, best_val_loss at the top, for readers
     assert not progress.keys() & record.keys(), "a TrainState field shadows a meta.json key"
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **progress, **record}
+    meta = {"format": FORMAT, **progress, **record}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -510,12 +554,16 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, state.step)
     with atomic_dir(final, overwrite=True) as tmp:
         _write_checkpoint(tmp, state, model, optimizer, extra, info)
+    _point_and_prune(run_dir, final, is_best, keep_last)
+    return final
+
+
+def _point_and_prune(run_dir: Path, final: Path, is_best: bool, keep_last: int) -> None:
     atomic_write_text(run_dir / LATEST, final.name + "\n")
     if is_best:
         atomic_write_text(run_dir / BEST, final.name + "\n")
     best = _read_pointer(run_dir, BEST)
     _prune(run_dir, keep_last, {final.name} | ({best.name} if best else set()))
-    return final
 
 
 def load_checkpoint(
@@ -531,24 +579,246 @@ def load_checkpoint(
     """
     ckpt = _resolve(path)
     meta = _check_meta(ckpt)
-    weights, _ = _load_tensors(ckpt / MODEL_FILE)
-    matched = _match_model(ckpt, weights, model)
+    matched = _match_model(ckpt, _load_weights(ckpt, meta), model)
     opt_sd = None
     if optimizer is not None:
         if meta.get("optimizer") is None:
             raise UserError(f"checkpoint {ckpt} was saved without optimizer state, so it cannot "
                             f"resume training; start a new run from its weights instead")
-        opt_tensors, _ = _load_tensors(ckpt / OPTIMIZER_FILE)
-        opt_sd = _optimizer_state_dict(ckpt, meta["optimizer"], opt_tensors, optimizer)
+        if is_sharded(meta):
+            opt_sd = _named_optimizer_state(ckpt, meta, _read_whole(ckpt / SHARDED_OPTIMIZER))
+            _check_named_optimizer(ckpt, opt_sd, model, optimizer)
+        else:
+            opt_tensors, _ = _load_tensors(ckpt / OPTIMIZER_FILE)
+            opt_sd = _optimizer_state_dict(ckpt, meta["optimizer"], opt_tensors, optimizer)
     rng_tensors, rng_info = _load_tensors(ckpt / RNG_FILE)
     _apply_model(model, matched)
     if opt_sd is not None:
         assert optimizer is not None
         try:
-            optimizer.load_state_dict(opt_sd)
+            if is_sharded(meta):  # keyed by parameter name: map the names onto this optimizer
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                set_optimizer_state_dict(unwrap_model(model), optimizer, opt_sd)
+            else:
+                optimizer.load_state_dict(opt_sd)
         except (ValueError, KeyError) as e:
             raise UserError(f"optimizer state in {ckpt} does not match the optimizer ({e}); "
                             f"was it trained with another optimizer?") from None
+    if restore_rng:
+        _restore_rng(rng_tensors, rng_info)
+    extra = {k.removeprefix("extra."): t for k, t in rng_tensors.items() if k.startswith("extra.")}
+    return _train_state(meta), extra, meta.get("info", {})
+
+
+# --------------------------------------------------------------------------- sharded (FSDP, DCP)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(this rank's slice of every tensor but tied twins, alias -> canonical key)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model)
+    # Tied weights are two DTensors over one local storage; safetensors refuses shared memory.
+    aliases = _alias_map({k: _local(v) for k, v in sd.items()})
+    return {k: v for k, v in sd.items() if k not in aliases}, aliases
+
+
+def _split_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """A name-keyed optimizer state -> ({"<param>.<name>": tensor}, non-tensor per-param state)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for param, entry in osd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}.{name}"] = value
+            else:
+                scalars.setdefault(param, {})[name] = value
+    return tensors, scalars
+
+
+def _named_optimizer_state(ckpt: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The name-keyed optimizer state dict of a sharded checkpoint, from its tensors + meta."""
+    saved = meta["optimizer"]
+    state: dict[str, dict] = {p: dict(v) for p, v in saved.get("scalars", {}).items()}
+    for key, t in tensors.items():
+        param, name = key.rsplit(".", 1)
+        state.setdefault(param, {})[name] = t
+    groups = saved["param_groups"]
+    for group in groups:  # JSON has no tuples; AdamW's betas were one
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    missing = {p for g in groups for p in g["params"]} - state.keys()
+    if state and missing:
+        raise UserError(f"checkpoint {ckpt}: {SHARDED_OPTIMIZER}/ lacks the state of "
+                        f"{sorted(missing)[0]}; the checkpoint is damaged, pick another")
+    return {"state": state, "param_groups": groups}
+
+
+def _check_named_optimizer(ckpt: Path, osd: dict, model: nn.Module,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """UserError unless the saved groups name exactly the parameters this optimizer trains."""
+    names = {id(p): _clean_key(n) for n, p in unwrap_model(model).named_parameters()}
+    have = [sorted(g["params"]) for g in osd["param_groups"]]
+    want = [sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups]
+    if have != want:
+        raise UserError(
+            f"optimizer state in {ckpt} does not match the optimizer: parameter groups of sizes "
+            f"{[len(g) for g in have]} in the file but {[len(g) for g in want]} here; was it "
+            f"trained with other trainable parameters (freezing, LoRA) or another --model config?")
+
+
+def _read_whole(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP safetensors folder, reassembled whole in this process, on CPU."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        md = HuggingFaceStorageReader(str(folder)).read_metadata()
+        out = {k: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in md.state_dict_metadata.items()}  # type: ignore[union-attr]
+        with warnings.catch_warnings():  # "...assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    except (OSError, SafetensorError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"cannot read the shards in {folder} ({e}); the checkpoint is damaged, "
+                        f"pick another") from None
+    return out
+
+
+def _check_against_file(ckpt: Path, folder: Path, want: dict[str, torch.Tensor],
+                        what: str) -> None:
+    """UserError unless ``folder``'s shards hold exactly ``want``'s keys with the same shapes."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        md = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except (OSError, SafetensorError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read the shards in {folder} ({e}); the checkpoint is damaged, "
+                        f"pick another") from None
+    bad = f"checkpoint {ckpt} does not match the {what}"
+    hint = "was it trained with a different --model config or other trainable parameters?"
+    for key, t in want.items():
+        if key not in md:
+            raise UserError(f"{bad}: tensor {key} is in the {what} but not in the file; {hint}")
+        if tuple(md[key].size) != tuple(t.shape):  # type: ignore[union-attr]
+            raise UserError(f"{bad}: tensor {key} has shape {tuple(md[key].size)} in the file "  # type: ignore[union-attr]
+                            f"but {_shape(t)} in the {what}; {hint}")
+    extra = sorted(md.keys() - want.keys())
+    if extra:
+        raise UserError(f"{bad}: tensor {extra[0]} is in the file but not in the {what}; {hint}")
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict[str, torch.Tensor] | None = None,
+    info: dict | None = None,
+    keep_last: int = 3,
+    *,
+    is_best: bool,
+) -> Path:
+    """Collective: every rank writes its own shard of an FSDP model (and optimizer) with DCP.
+
+    All ranks fill one temporary folder (on a filesystem they share); once DCP has finished,
+    rank 0 adds rng.safetensors (its RNG) and meta.json, fsyncs and renames the folder into
+    place, then updates the pointers and prunes, as ``save_checkpoint`` does.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    run_dir = Path(run_dir)
+    info, extra = dict(info or {}), dict(extra or {})
+    json.dumps(info)
+    main = dist.get_rank() == 0
+    final = checkpoint_dir(run_dir, state.step)
+    tmp = final.with_name(f".{final.name}.sharded.tmp")  # the same name on every rank
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    done = False
+    try:
+        weights, aliases = _sharded_model_state(model)
+        dcp.save(weights, storage_writer=HuggingFaceStorageWriter(
+            str(tmp / SHARDED_MODEL), save_distributed=True))
+        opt_json = None
+        if optimizer is not None:
+            osd = get_optimizer_state_dict(model, optimizer)
+            tensors, scalars = _split_optimizer(osd)
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
+                str(tmp / SHARDED_OPTIMIZER), save_distributed=True))
+            opt_json = {"param_groups": osd["param_groups"], "scalars": scalars}
+        if main:
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors"))
+            _write_rng_and_meta(tmp, state, extra, info, files, {
+                "format_version": SHARDED_VERSION, "layout": "sharded",
+                "world_size": dist.get_world_size(), "aliases": aliases,
+                "optimizer": opt_json})
+            publish_dir(tmp, final, overwrite=True)
+            _point_and_prune(run_dir, final, is_best, keep_last)
+        done = True
+    finally:
+        if main and not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+) -> tuple[TrainState, dict[str, torch.Tensor], dict]:
+    """Collective: load a sharded checkpoint into an FSDP model (and optimizer) at any world size.
+
+    DCP reads on each rank just the slices its shards need. Returns what ``load_checkpoint``
+    returns; keys and shapes are checked before anything is loaded.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    ckpt = _resolve(path)
+    meta = _check_meta(ckpt)
+    if not is_sharded(meta):
+        raise UserError(f"checkpoint {ckpt} is a single-file checkpoint; load it with "
+                        f"load_checkpoint into an unsharded model")
+    weights, aliases = _sharded_model_state(model)
+    _check_against_file(ckpt, ckpt / SHARDED_MODEL, weights, "model")
+    osd = tensors = None
+    if optimizer is not None:
+        if meta.get("optimizer") is None:
+            raise UserError(f"checkpoint {ckpt} was saved without optimizer state, so it cannot "
+                            f"resume training; start a new run from its weights instead")
+        osd = get_optimizer_state_dict(model, optimizer)  # creates the state tensors if new
+        tensors, _ = _split_optimizer(osd)
+        _check_against_file(ckpt, ckpt / SHARDED_OPTIMIZER, tensors, "optimizer")
+    rng_tensors, rng_info = _load_tensors(ckpt / RNG_FILE)
+    dcp.load(weights, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED_MODEL)))
+    for alias, canonical in aliases.items():
+        weights[alias] = weights[canonical]
+    set_model_state_dict(model, weights)
+    if optimizer is not None:
+        assert tensors is not None
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED_OPTIMIZER)))
+        loaded = _named_optimizer_state(ckpt, meta, tensors)
+        set_optimizer_state_dict(model, optimizer, loaded)
     if restore_rng:
         _restore_rng(rng_tensors, rng_info)
     extra = {k.removeprefix("extra."): t for k, t in rng_tensors.items() if k.startswith("extra.")}

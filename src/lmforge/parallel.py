@@ -140,36 +140,29 @@ def is_fsdp(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def export_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                      plain_model: nn.Module, plain_optimizer: torch.optim.Optimizer) -> None:
-    """Copy a sharded model's and optimizer's full state into plain single-process twins.
+def gather_full_model(model: nn.Module, plain_model: nn.Module) -> None:
+    """Copy a sharded model's full weights into its plain single-process twin (on rank 0).
 
-    Collective: every rank must call it. Checkpoints are then written from the twins on rank 0
-    in the ordinary single-process format, so they load into one process or any world size.
-    (``torch.distributed.checkpoint`` would write shards in parallel, but its metadata file is a
-    pickle, and lmforge never asks users to unpickle files; for models that do not fit one
-    host's CPU memory that trade-off has to be revisited.)
+    Collective: every rank must call it; the full state is gathered into rank 0's CPU memory
+    only. Used for the end-of-run report, which samples from the plain model on rank 0;
+    checkpoints are written shard by shard instead (``checkpoint.save_sharded_checkpoint``).
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
-        get_optimizer_state_dict,
         set_model_state_dict,
-        set_optimizer_state_dict,
     )
 
-    # cpu_offload: the full state is gathered into rank 0's CPU memory only; others get {}.
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=full)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=full)
-    if model_sd:
+    if model_sd:  # empty on every rank but 0
         set_model_state_dict(plain_model, model_sd)
-        set_optimizer_state_dict(plain_model, plain_optimizer, optim_state_dict=optim_sd)
 
 
 def import_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                       plain_model: nn.Module, plain_optimizer: torch.optim.Optimizer) -> None:
-    """The reverse of ``export_full_state``: shard a loaded single-process state onto ranks."""
+    """Shard a single-process model and optimizer state onto ranks (resuming, under FSDP, a run
+    whose checkpoints were written by one process or by DDP)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,

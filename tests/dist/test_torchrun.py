@@ -1,36 +1,39 @@
 """Two processes under torchrun (gloo, CPU) train exactly like one process with the same
-global batch: DDP and FSDP2 losses match within 1e-5 over 20 steps, and a checkpoint written by
-the sharded run loads into a single process."""
+global batch: DDP and FSDP2 losses match within 1e-5 over 20 steps. The FSDP run's checkpoints
+are sharded (one DCP safetensors shard per rank); they load whole into a single process and
+resume there, at another world size, continuing exactly like the uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
+from lmforge.checkpoint import read_meta, read_weights
 from tests.smoke.helpers import TINY_MODEL
 
 ARGS = [
     "pretrain", "--data", "prepared", *TINY_MODEL, "--train.max_steps", "20",
-    "--train.eval_every", "10", "--train.save_every", "20", "--train.log_every", "1",
+    "--train.eval_every", "10", "--train.save_every", "10", "--train.log_every", "1",
     "--train.eval_tokens", "512", "--optim.warmup_steps", "3", "--sample_tokens", "0",
     "--train.threads", "1",
 ]
 
 
-def _train(workdir: Path, name: str, nproc: int, strategy: str, batch: int) -> Path:
+def _train(workdir: Path, name: str, nproc: int, strategy: str, batch: int,
+           *extra: str) -> Path:
     # `--` ends torchrun's own options: without it torchrun's argparse would take `--run` for
     # an abbreviation of its `--run-path`.
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}", "-m", "lmforge.cli", "--"] if nproc > 1
                 else [sys.executable, "-m", "lmforge.cli"])
     cmd = [*launcher, *ARGS, "--run", name, "--dist.strategy", strategy,
-           "--train.batch_size", str(batch)]
+           "--train.batch_size", str(batch), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -43,20 +46,80 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
+def _assert_close_weights(a: Path, b: Path, tol: float) -> None:
+    wa, wb = read_weights(a), read_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= tol, name
+
+
 @pytest.fixture(scope="module")
 def single(workdir: Path) -> Path:
     return _train(workdir, "dist-single", 1, "none", 8)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(workdir: Path, single: Path, strategy: str):
-    run = _train(workdir, f"dist-{strategy}", 2, strategy, 4)
+@pytest.fixture(scope="module")
+def fsdp(workdir: Path) -> Path:
+    return _train(workdir, "dist-fsdp", 2, "fsdp", 4)
+
+
+def test_ddp_two_ranks_match_one_process(workdir: Path, single: Path):
+    run = _train(workdir, "dist-ddp", 2, "ddp", 4)
     ref, got = _losses(single), _losses(run)
     assert len(ref) == len(got) == 20
     assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
-    # the checkpoint is the ordinary single-process format: same names, same values
-    wa = load_file(single / "checkpoints" / "step_00000020" / "model.safetensors")
-    wb = load_file(run / "checkpoints" / "step_00000020" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() <= 1e-4, name
+    assert not read_meta(run).get("layout")  # DDP: rank 0 writes the single-file layout
+    _assert_close_weights(single, run, 1e-4)
+
+
+def test_fsdp_two_ranks_match_one_process(single: Path, fsdp: Path):
+    ref, got = _losses(single), _losses(fsdp)
+    assert len(ref) == len(got) == 20
+    assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
+    # sharded: one DCP safetensors shard per rank for the weights and for the optimizer
+    ckpt = fsdp / "checkpoints" / "step_00000020"
+    meta = read_meta(ckpt)
+    assert meta["layout"] == "sharded" and meta["world_size"] == 2
+    for part in ("model", "optimizer"):
+        assert len(list((ckpt / part).glob("*.safetensors"))) == 2, part
+    assert not list(ckpt.rglob(".metadata")) and not list(ckpt.rglob("*.pt"))
+    # ...and loads whole into a single process, equal to the single-process run
+    _assert_close_weights(single, fsdp, 1e-4)
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(workdir: Path, single: Path, fsdp: Path):
+    # Cut the sharded run back to its step-10 checkpoint, then finish it in one process.
+    run = workdir / "runs" / "dist-fsdp-cut"
+    shutil.copytree(fsdp, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    (run / "latest").write_text("step_00000010\n")
+    _train(workdir, "dist-fsdp-cut", 1, "none", 8, "--resume")
+    ref, got = _losses(single), _losses(run)
+    assert len(got) == 30  # 20 from the sharded run, then steps 11-20 again in one process
+    assert max(abs(a - b) for a, b in zip(ref[10:], got[20:])) <= 1e-5
+    assert not read_meta(run).get("layout")  # one process writes single-file checkpoints
+    _assert_close_weights(single, run, 1e-4)
+
+
+def test_fsdp_resumes_from_its_shards(workdir: Path, fsdp: Path):
+    # the same cut, finished by two FSDP ranks reading their slices back (DCP load)
+    run = workdir / "runs" / "dist-fsdp-cut2"
+    shutil.copytree(fsdp, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    (run / "latest").write_text("step_00000010\n")
+    _train(workdir, "dist-fsdp-cut2", 2, "fsdp", 4, "--resume")
+    ref, got = _losses(fsdp), _losses(run)
+    assert len(got) == 30
+    assert max(abs(a - b) for a, b in zip(ref[10:], got[20:])) <= 1e-6
+    _assert_close_weights(fsdp, run, 1e-6)
+
+
+def test_damaged_shard_is_a_clear_error(workdir: Path, fsdp: Path, tmp_path: Path):
+    from lmforge.config import UserError
+
+    ckpt = tmp_path / "step_00000020"
+    shutil.copytree(fsdp / "checkpoints" / "step_00000020", ckpt)
+    shard = sorted((ckpt / "model").glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot read the shards in .*model.*damaged"):
+        read_weights(ckpt)

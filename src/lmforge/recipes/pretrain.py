@@ -37,9 +37,13 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import (
     TrainState,
+    is_sharded,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
+    read_meta,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from lmforge.config import (
     ConfigError,
@@ -83,7 +87,7 @@ from lmforge.parallel import (
     apply_compile,
     apply_ddp,
     apply_fsdp,
-    export_full_state,
+    gather_full_model,
     grad_scaler,
     import_full_state,
     is_fsdp,
@@ -552,7 +556,7 @@ def _strategy(cfg: Config, info: DistInfo) -> str:
 @dataclass
 class Trainer:
     """The model the loop trains (maybe wrapped or sharded), its optimizer, and the plain
-    single-process twin that checkpoints are read into and written from."""
+    single-process twin that the final report samples from (the same objects unless FSDP)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -565,7 +569,8 @@ def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
     plain = task.model.to(info.device)
     plain_opt = build_optimizer(plain, cfg.optim)
     # AC and compile change forward in place; under FSDP the trained copy is sharded, so the
-    # plain twin stays a whole, ordinary module for checkpoints and the final report.
+    # plain twin stays a whole, ordinary module for the final report (and for resuming from a
+    # single-file checkpoint). It costs one unsharded copy of the weights per rank.
     model = copy.deepcopy(plain) if strategy == "fsdp" else plain
     if cfg.train.activation_checkpointing:
         apply_ac(model)
@@ -580,21 +585,19 @@ def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
     return Trainer(model, plain_opt, plain, plain_opt)
 
 
-def _sync_plain(tr: Trainer) -> None:
-    """Make the plain twin hold the trained state (a collective under FSDP)."""
-    if tr.model is not tr.plain and is_fsdp(tr.model):
-        export_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
-
-
 def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
             console: Console) -> TrainState:
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is None:
         return TrainState()
-    # every rank reads the same single-process checkpoint into its plain twin
-    state, extra, _ = load_checkpoint(ckpt, tr.plain, tr.plain_optimizer)
-    if is_fsdp(tr.model):
-        import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
+    if is_fsdp(tr.model) and is_sharded(read_meta(ckpt)):
+        # every rank reads just its slices, whatever world size wrote them
+        state, extra, _ = load_sharded_checkpoint(ckpt, tr.model, tr.optimizer)
+    else:
+        # every rank reads the whole checkpoint (either layout) into its plain model
+        state, extra, _ = load_checkpoint(ckpt, tr.plain, tr.plain_optimizer)
+        if is_fsdp(tr.model):
+            import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
     batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
                              if k.startswith("loader.")})
     console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
@@ -634,16 +637,17 @@ def _main(cfg: Config, info: DistInfo) -> int:
                   + (f"; {strategy} over {info.world_size} processes" if info.distributed else ""))
 
     def save(st: TrainState, metrics: dict[str, float]) -> None:
-        _sync_plain(tr)
+        extra = {f"loader.{k}": v for k, v in batches.state_dict().items()}
+        meta = {"metrics": metrics, "preset": cfg.preset, "objective": cfg.objective}
+        best = metrics.get("val_loss") is not None and metrics["val_loss"] == st.best_val_loss
+        if is_fsdp(tr.model):  # collective: each rank writes its own shard
+            save_sharded_checkpoint(run_dir, st, tr.model, tr.optimizer, extra, meta,
+                                    cfg.train.keep_last, is_best=best)
+        elif info.is_main:
+            save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer, extra, meta,
+                            cfg.train.keep_last, is_best=best)
         if not info.is_main:
             return
-        save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer,
-                        extra={f"loader.{k}": v for k, v in batches.state_dict().items()},
-                        info={"metrics": metrics, "preset": cfg.preset,
-                              "objective": cfg.objective},
-                        keep_last=cfg.train.keep_last,
-                        is_best=metrics.get("val_loss") is not None
-                        and metrics["val_loss"] == st.best_val_loss)
         plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                         title=f"{cfg.run} ({cfg.preset}, {cfg.objective})",
                         baseline=task.baseline)
@@ -674,6 +678,8 @@ def _main(cfg: Config, info: DistInfo) -> int:
         where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
         raise UserError(f"interrupted; {where}; continue with the same command and --resume") from None
     elapsed = time.time() - t0
+    if is_fsdp(tr.model):
+        gather_full_model(tr.model, tr.plain)  # collective; the report runs on rank 0
     if not info.is_main:
         return 0
     # tokens = labelled (predicted) tokens: every token for clm, the masked ones for mlm,
