@@ -487,3 +487,12 @@ class DistConfig:
     for models larger than GPU memory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu."""
+    tp: int = 1
+    """Tensor-parallel degree (decoder only): each block's attention heads and MLP are split
+    over this many neighbouring ranks (column/row-parallel linears). The other world_size/tp
+    ranks are data-parallel: FSDP over them (strategy auto or fsdp). Must divide the number of
+    processes, n_head and n_kv_head."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"dist.tp must be >= 1, got {self.tp}")

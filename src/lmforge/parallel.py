@@ -3,11 +3,14 @@
 The model files know nothing of any of this. A recipe applies these functions in this order
 (the torchtitan order, and the only one that composes):
 
+0. ``apply_tp``      tensor parallelism (decoder only): each block's attention heads and MLP
+   hidden units split over the ranks of a "tp" mesh dimension — first, because it replaces
+   the linear layers' weights by DTensors that everything after sees;
 1. ``apply_ac``      activation checkpointing per block (recompute in backward, save memory);
 2. ``apply_compile`` ``torch.compile`` per block — after AC so the checkpointed region is what
    gets compiled, and per block so recompiles stay small (every block has the same graph);
 3. ``apply_fsdp`` or ``apply_ddp`` — last, because both wrap or shard the parameters the
-   previous steps already see.
+   previous steps already see. With TP, FSDP shards over the other ("dp") mesh dimension.
 
 Checkpoint keys never change: AC and compile are applied in place (``Module.compile`` keeps
 names, unlike ``torch.compile(model)`` which adds ``_orig_mod.``), FSDP2 keeps names, and DDP's
@@ -30,11 +33,16 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lmforge.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -71,19 +79,97 @@ def apply_ddp(model: nn.Module, device: str) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def make_mesh(device: str, world_size: int, tp: int) -> DeviceMesh:
+    """A 2-D ("dp", "tp") device mesh: ranks r..r+tp-1 form one tensor-parallel group.
+
+    Neighbouring ranks share a TP group because TP talks at every layer and should stay on the
+    fastest links (within a node); data parallelism talks once per step.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if tp < 1 or world_size % tp:
+        raise ConfigError(f"dist.tp: {tp} does not divide the {world_size} processes; choose a "
+                          f"divisor of --nproc_per_node x nodes")
+    kind = torch.device(device).type
+    return init_device_mesh(kind, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallelism for each decoder block, in place.
+
+    q/k/v and the MLP's first layer(s) are column-parallel (each rank computes a slice of the
+    heads / hidden units from the replicated input); the attention output and the MLP's last
+    layer are row-parallel (each rank multiplies its slice, one all-reduce gives the replicated
+    sum). Two all-reduces per block forward, two in backward. Embeddings, norms and the head
+    stay replicated. Attention reads its local head count from the projections' output.
+    """
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    cfg = getattr(model, "cfg", None)
+    tp = tp_mesh.size()
+    for name in ("n_head", "kv_heads"):
+        heads = getattr(cfg, name, None)
+        if not isinstance(heads, int):
+            raise ConfigError("dist.tp: tensor parallelism is for decoder models (lmforge "
+                              "pretrain with the default --objective clm)")
+        if heads % tp:
+            raise ConfigError(f"dist.tp: {tp} does not divide the model's {name} ({heads}); "
+                              f"choose a tp that divides both n_head and n_kv_head")
+    for block in _blocks(model):
+        plan: dict = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
+                      "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel()}
+        if hasattr(block.mlp, "gate_proj"):
+            plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                         "mlp.down_proj": RowwiseParallel()})
+        else:
+            plan.update({"mlp.fc_in": ColwiseParallel(), "mlp.fc_out": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for any mix of plain and DTensor parameters; returns the total norm.
+
+    Under TP, and under FSDP x TP, parameters live on different meshes (or on none), and
+    torch's own function cannot stack their norms; the norm of each group is made a plain
+    (full) tensor first, then they are combined (2-norm).
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    if len(groups) <= 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = []
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for grads in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return total
+
+
 def apply_fsdp(model: nn.Module, precision: Precision, reshard_after_forward: bool = True,
-               cpu_offload: bool = False) -> nn.Module:
+               cpu_offload: bool = False, mesh: DeviceMesh | None = None) -> nn.Module:
     """Shard parameters, gradients and optimizer states over ranks with FSDP2 (``fully_shard``).
 
     Each block is its own unit so only one block's full parameters exist at a time; the root
     call covers embeddings, final norm and head. Under bf16/fp16 the parameters are gathered in
-    that dtype while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy).
+    that dtype while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy). ``mesh``
+    is the 1-D data-parallel mesh (the "dp" dimension under TP); None = every rank.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else None
-    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     if mp is not None:
         kwargs["mp_policy"] = mp
     if cpu_offload:
@@ -133,8 +219,8 @@ def grad_scaler(precision: Precision, device: str) -> torch.amp.GradScaler | Non
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    """True when ``fully_shard`` was applied to ``model`` (its parameters are DTensors)."""
+def has_dtensors(model: nn.Module) -> bool:
+    """True when FSDP2 or tensor parallelism was applied (some parameters are DTensors)."""
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())

@@ -123,3 +123,53 @@ def test_damaged_shard_is_a_clear_error(workdir: Path, fsdp: Path, tmp_path: Pat
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(UserError, match="cannot read the shards in .*model.*damaged"):
         read_weights(ckpt)
+
+
+def test_tensor_parallel_matches_one_process(workdir: Path, single: Path):
+    # tp=2: both ranks see the same batch of 8; each holds half the heads and MLP units
+    run = _train(workdir, "dist-tp", 2, "auto", 8, "--dist.tp", "2")
+    ref, got = _losses(single), _losses(run)
+    assert len(ref) == len(got) == 20
+    assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
+    meta = read_meta(run)
+    assert meta["layout"] == "sharded"
+    # tokens are counted once per TP group, not once per rank
+    assert meta["tokens"] == read_meta(single)["tokens"]
+    _assert_close_weights(single, run, 1e-4)
+
+
+def test_fsdp_times_tensor_parallel_matches_one_process(workdir: Path, single: Path):
+    # 4 processes on a (dp=2, tp=2) mesh: FSDP over dp, TP inside each pair; batch 4 per dp rank
+    run = _train(workdir, "dist-fsdp-tp", 4, "fsdp", 4, "--dist.tp", "2")
+    ref, got = _losses(single), _losses(run)
+    assert len(ref) == len(got) == 20
+    assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
+    assert read_meta(run)["world_size"] == 4
+    _assert_close_weights(single, run, 1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dist.tp", "2"], "needs torchrun"),
+    (["--dist.strategy", "fsdp"], "needs torchrun"),
+    (["--dist.tp", "0"], "dist.tp must be >= 1"),
+])
+def test_parallel_options_without_torchrun_are_clear_errors(workdir: Path, extra, message):
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", *ARGS, "--run", "dist-bad",
+                           *extra], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / "runs" / "dist-bad").exists()
+
+
+def test_tp_must_divide_the_heads(workdir: Path):
+    # 2 KV heads cannot be split 4 ways: refused before anything is written
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=4", "-m", "lmforge.cli", "--"]
+    proc = subprocess.run([*launcher, *ARGS, "--run", "dist-bad-tp", "--dist.tp", "4"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    # every rank stops with our one-line error (torchrun then adds its own failure report)
+    assert proc.stderr.count("lmforge: error: dist.tp: 4 does not divide the model's "
+                             "kv_heads (2)") == 4
+    assert not (workdir / "runs" / "dist-bad-tp").exists()

@@ -87,10 +87,12 @@ from lmforge.parallel import (
     apply_compile,
     apply_ddp,
     apply_fsdp,
+    apply_tp,
     gather_full_model,
     grad_scaler,
+    has_dtensors,
     import_full_state,
-    is_fsdp,
+    make_mesh,
 )
 from lmforge.plan import TrainSettings
 from lmforge.recipes.common import LoadedModel, stream_text
@@ -544,13 +546,38 @@ def _build_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Conf
 
 
 def _strategy(cfg: Config, info: DistInfo) -> str:
-    strategy = cfg.dist.strategy
+    """none | ddp | fsdp | tp (tensor parallel alone) | fsdp+tp (the 2-D mesh)."""
+    strategy, tp = cfg.dist.strategy, cfg.dist.tp
+    if tp > 1:
+        if not info.launched:
+            raise UserError(f"--dist.tp {tp} needs torchrun: torchrun --nproc_per_node "
+                            f"{tp} -m lmforge.cli -- pretrain ...")
+        if cfg.objective != "clm":
+            raise UserError("--dist.tp: tensor parallelism is for decoders (--objective clm)")
+        if info.world_size % tp:
+            raise UserError(f"--dist.tp {tp} does not divide the {info.world_size} processes")
+        for name in ("n_head", "kv_heads"):
+            heads = getattr(cfg.model, name)
+            if heads % tp:
+                raise UserError(f"dist.tp: {tp} does not divide the model's {name} ({heads}); "
+                                f"choose a tp that divides both n_head and n_kv_head")
+        if strategy in ("ddp", "none"):
+            raise UserError(f"--dist.tp does not compose with --dist.strategy {strategy}; "
+                            f"use --dist.strategy fsdp (or auto) for the data-parallel ranks")
+        return "tp" if info.world_size == tp else "fsdp+tp"
     if strategy == "auto":
         return "ddp" if info.distributed else "none"
     if strategy in ("ddp", "fsdp") and not info.launched:
         raise UserError(f"--dist.strategy {strategy} needs torchrun: "
                         "torchrun --nproc_per_node N -m lmforge.cli pretrain ...")
     return strategy
+
+
+def _data_ranks(info: DistInfo, tp: int) -> DistInfo:
+    """The data-parallel view of the job: the tp ranks of one TP group read the same batches."""
+    if tp == 1:
+        return info
+    return dataclasses.replace(info, rank=info.rank // tp, world_size=info.world_size // tp)
 
 
 @dataclass
@@ -571,14 +598,19 @@ def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
     # AC and compile change forward in place; under FSDP the trained copy is sharded, so the
     # plain twin stays a whole, ordinary module for the final report (and for resuming from a
     # single-file checkpoint). It costs one unsharded copy of the weights per rank.
-    model = copy.deepcopy(plain) if strategy == "fsdp" else plain
+    sharded = strategy in ("fsdp", "tp", "fsdp+tp")
+    model = copy.deepcopy(plain) if sharded else plain
+    mesh = make_mesh(info.device, info.world_size, cfg.dist.tp) if "tp" in strategy else None
+    if mesh is not None:
+        apply_tp(model, mesh["tp"])
     if cfg.train.activation_checkpointing:
         apply_ac(model)
     if cfg.train.compile:
         apply_compile(model)
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp+tp"):
         apply_fsdp(model, cfg.train.precision, cfg.dist.reshard_after_forward,
-                   cfg.dist.cpu_offload)
+                   cfg.dist.cpu_offload, mesh=mesh["dp"] if mesh is not None else None)
+    if sharded:
         return Trainer(model, build_optimizer(model, cfg.optim), plain, plain_opt)
     if strategy == "ddp":
         model = apply_ddp(model, info.device)
@@ -590,13 +622,13 @@ def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is None:
         return TrainState()
-    if is_fsdp(tr.model) and is_sharded(read_meta(ckpt)):
+    if has_dtensors(tr.model) and is_sharded(read_meta(ckpt)):
         # every rank reads just its slices, whatever world size wrote them
         state, extra, _ = load_sharded_checkpoint(ckpt, tr.model, tr.optimizer)
     else:
         # every rank reads the whole checkpoint (either layout) into its plain model
         state, extra, _ = load_checkpoint(ckpt, tr.plain, tr.plain_optimizer)
-        if is_fsdp(tr.model):
+        if has_dtensors(tr.model):
             import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
     batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
                              if k.startswith("loader.")})
@@ -619,7 +651,8 @@ def _main(cfg: Config, info: DistInfo) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     gen = seed_everything(cfg.train.seed)
-    cfg, task = _build_task(cfg, gen, info)  # reads and checks the data, builds the model
+    # reads and checks the data, builds the model; batches are split over data-parallel ranks
+    cfg, task = _build_task(cfg, gen, _data_ranks(info, cfg.dist.tp))
     run_dir = Path(cfg.runs_dir) / cfg.run
     if info.is_main:
         check_trackers(cfg.train.trackers)
@@ -640,7 +673,7 @@ def _main(cfg: Config, info: DistInfo) -> int:
         extra = {f"loader.{k}": v for k, v in batches.state_dict().items()}
         meta = {"metrics": metrics, "preset": cfg.preset, "objective": cfg.objective}
         best = metrics.get("val_loss") is not None and metrics["val_loss"] == st.best_val_loss
-        if is_fsdp(tr.model):  # collective: each rank writes its own shard
+        if has_dtensors(tr.model):  # FSDP / TP, collective: each rank writes its own shard
             save_sharded_checkpoint(run_dir, st, tr.model, tr.optimizer, extra, meta,
                                     cfg.train.keep_last, is_best=best)
         elif info.is_main:
@@ -654,7 +687,8 @@ def _main(cfg: Config, info: DistInfo) -> int:
 
     flops = getattr(task.model, "flops_per_token", None)
     seq_len = cfg.train.seq_len or cfg.model_cfg.block_size
-    rt = Runtime(dist=info, scaler=grad_scaler(cfg.train.precision, info.device),
+    rt = Runtime(dist=info, tp=cfg.dist.tp,
+                 scaler=grad_scaler(cfg.train.precision, info.device),
                  flops_per_token=flops(seq_len) if flops else None,
                  peak_flops=cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else None)
     t0 = time.time()
@@ -678,7 +712,7 @@ def _main(cfg: Config, info: DistInfo) -> int:
         where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
         raise UserError(f"interrupted; {where}; continue with the same command and --resume") from None
     elapsed = time.time() - t0
-    if is_fsdp(tr.model):
+    if has_dtensors(tr.model):
         gather_full_model(tr.model, tr.plain)  # collective; the report runs on rank 0
     if not info.is_main:
         return 0

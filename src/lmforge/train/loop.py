@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import TrainState
 from lmforge.config import OptimConfig, TrainConfig, UserError
-from lmforge.parallel import autocast, grad_sync
+from lmforge.parallel import autocast, clip_grad_norm, grad_sync
 from lmforge.train.schedule import lr_at
 from lmforge.utils.dist import DistInfo, all_reduce_mean, all_reduce_sum
 from lmforge.utils.logging import RunLogger
@@ -47,6 +47,8 @@ class Runtime:
     """Where and how the loop runs: device, ranks, precision, and the numbers behind MFU."""
 
     dist: DistInfo = field(default_factory=DistInfo)
+    tp: int = 1
+    """Tensor-parallel degree: the tp ranks of a group train on the same tokens."""
     scaler: torch.amp.GradScaler | None = None
     flops_per_token: float | None = None
     """Training FLOPs per token (6N + attention) of the model, for MFU."""
@@ -61,6 +63,24 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits = model(x)  # (B, T, V)
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
+    return loss_fn
+
+
+def packed_lm_loss(label_smoothing: float = 0.0) -> LossFn:
+    """``causal_lm_loss`` over packed rows: x is (ids, segments), examples kept apart.
+
+    The model gets the segments (``Decoder.forward``): block-diagonal attention and positions
+    restarting per example, so a packed example's loss equals its loss alone.
+    """
+
+    def loss_fn(model: nn.Module, x: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+        ids, segments = x
+        logits = model(ids, segments=segments)  # (B, T, V)
         return nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
             label_smoothing=label_smoothing,
@@ -127,13 +147,13 @@ def train(
             loss_sum += loss.detach()
             step_tokens += (y != -100).sum()
         loss_value = float(all_reduce_mean(loss_sum, rt.dist)) / cfg.grad_accum
-        tokens_all = int(all_reduce_sum(step_tokens, rt.dist))
+        tokens_all = int(all_reduce_sum(step_tokens, rt.dist)) // rt.tp
 
         # 3. clip, step, zero — or skip a step whose loss or gradients are not finite
         if rt.scaler:
             rt.scaler.unscale_(optimizer)
         max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = clip_grad_norm(params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if rt.scaler:
