@@ -10,7 +10,7 @@ A run directory holds its checkpoints and two pointer files::
         rng.safetensors                   # torch CPU/CUDA, numpy and Python RNG + caller's extras
         meta.json                         # TrainState, caller's info, optimizer's non-tensor part
 
-A run sharded with FSDP writes its checkpoints in parallel instead, every rank its own shard,
+A run sharded with FSDP or tensor parallelism writes its checkpoints in parallel instead, every rank its own shard,
 through ``torch.distributed.checkpoint`` (DCP) with its safetensors storage::
 
     <run>/checkpoints/step_00000200/
