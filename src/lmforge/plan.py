@@ -68,8 +68,25 @@ class TrainSettings:
     """Keep only each block's input and recompute the block in backward (one extra forward)."""
     attention: Literal["flash", "math"] = "flash"
     """flash = fused SDPA kernels (no s x s scores kept, also on CPU); math = scores stored."""
+    gpus: int = 1
+    """Devices training together (torchrun's world size). Memory is then per device, the global
+    batch is batch_size x grad_accum x gpus/tp sequences, and time assumes the same MFU on all."""
+    strategy: Literal["ddp", "fsdp"] = "fsdp"
+    """With gpus > 1: ddp keeps every weight, gradient and optimizer state on each device
+    (ZeRO-0); fsdp shards them over the data-parallel devices (ZeRO-3)."""
+    tp: int = 1
+    """Tensor-parallel degree (pretrain --dist.tp): each block's matrices and most of its
+    activations are split over tp devices."""
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: devices that each see their own micro-batches."""
+        return self.gpus // self.tp
 
     def __post_init__(self) -> None:
+        if self.gpus < 1 or self.tp < 1 or self.gpus % self.tp:
+            raise ConfigError(f"train.tp: {self.tp} must be >= 1 and divide train.gpus "
+                              f"({self.gpus})")
         for name in ("batch_size", "grad_accum", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -221,7 +238,7 @@ def run_length(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
     seq_len = s.seq_len or cfg.block_size
     if seq_len > cfg.block_size:
         raise ConfigError(f"train.seq_len {seq_len} exceeds model.block_size {cfg.block_size}")
-    per_step = s.batch_size * s.grad_accum * seq_len
+    per_step = s.batch_size * s.grad_accum * seq_len * s.dp
     if s.max_steps is not None:
         steps = s.max_steps
     elif s.tokens is not None:
@@ -249,6 +266,10 @@ def state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
     freezes the base in the compute dtype and trains fp32 adapters (PEFT's default); QLoRA
     stores the block matrices in NF4 and keeps embeddings, head, norms and biases 16-bit.
     """
+    return _per_device(cfg, s, _model_state_bytes(cfg, s))
+
+
+def _model_state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
     n = param_counts(cfg)["total"]
     w16 = act_bytes(s.precision)
     moments = 8 if s.optimizer == "adamw" else 4
@@ -264,6 +285,27 @@ def state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
         base = round((n - quantized) * w16 + quantized * NF4_BYTES)
     return {"weights": base + adapters * 4, "gradients": adapters * 4,
             "optimizer": adapters * moments}
+
+
+def _per_device(cfg: DecoderConfig, s: TrainSettings, states: dict[str, int]) -> dict[str, int]:
+    """One device's share of the model states under tensor parallelism and FSDP.
+
+    TP splits the block matrices (the rest, embeddings / head / norms, is replicated); FSDP
+    then divides everything by the data-parallel degree, but gathers one block's full
+    parameters at a time and prefetches the next (2 blocks in the compute dtype, of the TP
+    slice). Exact to within rounding for full training; LoRA states are scaled alike.
+    """
+    if s.gpus == 1:
+        return states
+    parts = param_breakdown(cfg)
+    n = sum(parts.values())
+    block = parts["attention_weights"] + parts["mlp_weights"]
+    share = (n - block + block / s.tp) / n
+    out = {k: v * share for k, v in states.items()}
+    if s.strategy == "fsdp" and s.dp > 1:
+        out = {k: v / s.dp for k, v in out.items()}
+        out["weights"] += 2 * block / cfg.n_layer / s.tp * act_bytes(s.precision)
+    return {k: round(v) for k, v in out.items()}
 
 
 def layer_activation_bytes(cfg: DecoderConfig, batch: int, seq_len: int,
@@ -287,16 +329,17 @@ def layer_activation_bytes(cfg: DecoderConfig, batch: int, seq_len: int,
     kv = cfg.kv_heads * cfg.head_dim
     sb = seq_len * batch
     drop = cfg.dropout > 0
-    mlp = h + (4 if cfg.mlp == "swiglu" else 2) * f
+    t = s.tp  # TP splits everything between a column- and a row-parallel layer over t devices
+    mlp = h + (4 if cfg.mlp == "swiglu" else 2) * f / t
     if s.attention == "flash":
-        attn = e * sb * (h + h + 2 * kv + 2 * h) + 4 * a * sb
+        attn = e * sb * (h + (h + 2 * kv + 2 * h) / t) + 4 * a * sb / t
     else:
         scores = a * seq_len * sb * (e + (1 + e if drop else 0))
-        attn = e * sb * (h + 3 * h + h) + scores
+        attn = e * sb * (h + (3 * h + h) / t) + scores / t
     total = e * sb * (2 * h + mlp) + attn + (2 * sb * h if drop else 0)
     if s.method != "full":
         total += e * sb * s.lora_rank * adapters_per_layer(cfg, s.lora_targets)
-    return total
+    return round(total)
 
 
 def activation_bytes(cfg: DecoderConfig, batch: int, seq_len: int,
@@ -377,9 +420,10 @@ def infer_memory(cfg: DecoderConfig, context: int, batch: int) -> list[dict[str,
 # --------------------------------------------------------------------------- the plan
 
 
-def train_seconds(hw_flops: float, device: Device, precision: str, mfu: float) -> float:
-    """Wall time = hardware FLOPs / (dense peak * utilization)."""
-    return hw_flops / (device.peak_tflops(precision) * 1e12 * mfu)
+def train_seconds(hw_flops: float, device: Device, precision: str, mfu: float,
+                  gpus: int = 1) -> float:
+    """Wall time = hardware FLOPs / (devices * dense peak * utilization)."""
+    return hw_flops / (gpus * device.peak_tflops(precision) * 1e12 * mfu)
 
 
 def make_plan(cfg: DecoderConfig, train: TrainSettings, infer: InferSettings,
@@ -401,7 +445,7 @@ def make_plan(cfg: DecoderConfig, train: TrainSettings, infer: InferSettings,
     context = infer.context or cfg.block_size
     times = [{"device": dev.name, "label": dev.label, "peak_tflops": dev.peak_tflops(
                   train.precision), "mfu": mfu,
-              "seconds": train_seconds(hw_total, dev, train.precision, mfu),
+              "seconds": train_seconds(hw_total, dev, train.precision, mfu, train.gpus),
               "memory_gib": dev.memory_gib,
               "fits": None if dev.memory_gib is None
               else memory["peak"] <= dev.memory_gib * 2**30} for dev in hardware]

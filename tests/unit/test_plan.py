@@ -262,3 +262,41 @@ def test_sweep_builds_every_point_before_running(tmp_path) -> None:
     (tmp_path / "s-1").mkdir()
     with pytest.raises(UserError, match="already has runs s-1"):
         sweep._check_fresh(cfg, points)
+
+
+def test_per_device_states_under_fsdp_tp_and_ddp() -> None:
+    n, block = count_params(TINY), 2 * (192 + 256)  # 1016 parameters, 896 in block matrices
+    fp32 = TrainSettings(precision="fp32")
+    # FSDP over 4: everything / 4, plus two gathered blocks (448 weights each) in fp32
+    fsdp = state_bytes(TINY, dataclasses.replace(fp32, gpus=4))
+    assert fsdp == {"weights": n + 2 * 448 * 4, "gradients": n, "optimizer": 2 * n}
+    # DDP replicates: the single-device numbers
+    assert state_bytes(TINY, dataclasses.replace(fp32, gpus=4, strategy="ddp")) == \
+        state_bytes(TINY, fp32)
+    # TP over 2 (no data parallelism): block matrices halved, the rest replicated
+    tp = state_bytes(TINY, dataclasses.replace(fp32, gpus=2, tp=2))
+    kept = n - block + block // 2  # 568
+    assert tp == {"weights": 4 * kept, "gradients": 4 * kept, "optimizer": 8 * kept}
+
+
+def test_tensor_parallel_activations_by_hand() -> None:
+    # TINY, fp32, batch 1 x 4 (sb = 4), flash, no dropout, GELU MLP (h=8, f=16, a=2, kv=4):
+    # replicated: 2 norm inputs + q/k/v input + MLP input = 4h; split: q h + k, v 2kv + SDPA
+    # output and o_proj input 2h + 2f + logsumexp 4a (bytes per token).
+    one = TrainSettings(precision="fp32")
+    assert layer_activation_bytes(TINY, 1, 4, one) == 4 * 4 * (4 * 8 + 8 + 8 + 16 + 32) + 32
+    two = dataclasses.replace(one, gpus=2, tp=2)
+    assert layer_activation_bytes(TINY, 1, 4, two) == 4 * 4 * (4 * 8 + (8 + 8 + 16 + 32) / 2) + 16
+
+
+def test_run_length_counts_data_parallel_ranks_only() -> None:
+    s = TrainSettings(batch_size=2, grad_accum=3, max_steps=1, gpus=8, tp=2)
+    assert run_length(TINY, s)["tokens_per_step"] == 2 * 3 * 8 * 4  # 4 data-parallel ranks
+    with pytest.raises(ConfigError, match="train.tp: 3 must be >= 1 and divide train.gpus"):
+        TrainSettings(gpus=8, tp=3)
+    hw = list(devices(cpu_tflops=0.5, cpu_memory_gib=None).values())
+    one = make_plan(TINY, TrainSettings(max_steps=10), InferSettings(), hw, mfu=0.5)
+    eight = make_plan(TINY, TrainSettings(max_steps=10, gpus=8), InferSettings(), hw, mfu=0.5)
+    # 8x the tokens on 8x the devices: the same wall time
+    assert eight["run"]["tokens"] == 8 * one["run"]["tokens"]
+    assert eight["time"][0]["seconds"] == pytest.approx(one["time"][0]["seconds"])

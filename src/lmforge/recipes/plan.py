@@ -184,7 +184,10 @@ def _train_memory_table(plan: dict[str, Any]) -> Table:
     heads = [f"{m}{' r=' + str(s['lora_rank']) if m != 'full' else ''}"
              f"{' *' if m == s['method'] else ''}" for m in METHODS]
     ac = "with" if s["activation_checkpointing"] else "without"
-    t = _table(f"training memory: {s['precision']}, {s['optimizer']}, micro-batch "
+    where = ("" if s["gpus"] == 1 else
+             f" per device of {s['gpus']} ({s['strategy']}" + (f", tp {s['tp']}" if s["tp"] > 1
+                                                              else "") + ")")
+    t = _table(f"training memory{where}: {s['precision']}, {s['optimizer']}, micro-batch "
                f"{s['batch_size']} x {plan['run']['seq_len']}, {s['attention']} attention, "
                f"{ac} activation checkpointing (* = --train.method)", "", *heads)
     t.add_row("trainable parameters", *(fmt_count(by[m]["trainable_params"]) for m in METHODS))
@@ -214,7 +217,8 @@ def _infer_table(plan: dict[str, Any]) -> Table:
 
 def _time_table(plan: dict[str, Any]) -> Table:
     s = plan["train_settings"]
-    t = _table(f"training time: {plan['flops']['hardware_total']:.3g} FLOPs at the stated MFU",
+    on = "" if s["gpus"] == 1 else f" on {s['gpus']} devices"
+    t = _table(f"training time: {plan['flops']['hardware_total']:.3g} FLOPs at the stated MFU{on}",
                "device", f"peak {s['precision']} TFLOP/s", "MFU", "time", "memory", "peak fits")
     for row in plan["time"]:
         fits = "?" if row["fits"] is None else ("yes" if row["fits"] else "[red]no[/]")

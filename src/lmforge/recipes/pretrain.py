@@ -740,7 +740,9 @@ def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
     settings = TrainSettings(batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                              grad_accum=cfg.train.grad_accum,
                              precision=cfg.train.precision,
-                             activation_checkpointing=cfg.train.activation_checkpointing)
+                             activation_checkpointing=cfg.train.activation_checkpointing,
+                             gpus=info.world_size, tp=cfg.dist.tp,
+                             strategy="ddp" if _strategy(cfg, info) in ("ddp", "tp") else "fsdp")
     total = torch.cuda.get_device_properties(info.device).total_memory
     for line in oom_report(cfg.model, settings, total):
         console.print(line, markup=False)
