@@ -198,6 +198,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         tp = hints[key]
         _, inner = _is_optional(tp)
         if dataclasses.is_dataclass(inner):
+            # A partial section ({"lr": 1e-3}) keeps the rest of the field's own default (a
+            # recipe's OptimConfig(lr=2e-4, warmup_steps=10)), not the section class's defaults.
+            base = _section_default(fields[key], inner)  # type: ignore[arg-type]
+            if isinstance(value, dict) and base:
+                value = merge(base, value)
             kwargs[key] = from_dict(inner, value, path)  # type: ignore[arg-type]
         else:
             kwargs[key] = coerce(value, tp, path)
@@ -207,6 +212,18 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise
     except (TypeError, ValueError) as e:  # a __post_init__ check written with ValueError
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _section_default(f: dataclasses.Field, cls: type) -> dict[str, Any]:
+    """The init fields of a nested section's default instance, as a dict ({} when none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return {}
+    names = {g.name for g in dataclasses.fields(cls) if g.init}
+    return {k: v for k, v in to_dict(default).items() if k in names}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -104,3 +104,20 @@ def test_shared_sections_validate_their_values():
         OptimConfig(lr=0)
     with pytest.raises(ConfigError, match="train.batch_size"):
         TrainConfig(batch_size=0)
+
+
+@dataclass
+class Recipe:
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=10,
+                                                                   weight_decay=0.0))
+    """A section whose default differs from the section class's defaults."""
+    inner: Inner | None = None
+    """An optional section with no default instance."""
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults():
+    # --optim.lr alone must not reset warmup/weight decay to OptimConfig's class defaults
+    cfg = build(Recipe, ["--optim.lr", "1e-3"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-3, 10, 0.0)
+    assert build(Recipe, []).optim == OptimConfig(lr=2e-4, warmup_steps=10, weight_decay=0.0)
+    assert build(Recipe, ["--inner.width", "8"]).inner == Inner(width=8)
