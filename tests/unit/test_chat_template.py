@@ -8,17 +8,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 import lmforge
-from lmforge.config import UserError
+from lmforge import cli
+from lmforge.checkpoint import TrainState, save_checkpoint
+from lmforge.config import UserError, to_dict
+from lmforge.data.corpora import pydoc_topics_text
+from lmforge.data.tokenizer import train_bpe, vocab_size_of
 from lmforge.infer.chat import (
     CHATML,
     ChatTemplate,
     check_messages,
+    end_of_turn,
     load_chat_template,
     stop_token_ids,
 )
 from lmforge.infer.engine import InvalidRequest
+from lmforge.models.decoder import Decoder, DecoderConfig
 from tests.serve import LMFORGE, make_tiny_run
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
@@ -42,6 +50,25 @@ HF_STYLE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
+
+
+# SmolLM2-Instruct's own template (ChatML with a default system prompt): what `lmforge import`
+# keeps and what `lmforge finetune` saves again in the tuned run. Not a copy of the built-in.
+SMOL_STYLE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
 )
 
 
@@ -72,8 +99,25 @@ def test_run_folder_template_file_wins_over_tokenizer_config(tmp_path: Path) -> 
 def test_a_saved_copy_of_a_builtin_keeps_its_stop_string(tmp_path: Path) -> None:
     (tmp_path / "chat_template.jinja").write_text(CHATML)
     assert load_chat_template(tmp_path).stop == ("<|im_end|>",)
-    (tmp_path / "chat_template.jinja").write_text(CHATML + " ")
-    assert load_chat_template(tmp_path).stop == ()
+    (tmp_path / "chat_template.jinja").write_text(CHATML + " ")  # not a copy: asked instead
+    assert load_chat_template(tmp_path).stop == ("<|im_end|>",)
+
+
+@pytest.mark.parametrize(("source", "eos", "stop"), [
+    (SMOL_STYLE, "<|im_end|>", ("<|im_end|>",)),
+    (LLAMA3_STYLE, "<|end_of_text|>", ("<|eot_id|>",)),
+    (HF_STYLE, "</s>", ("</s>",)),  # a reply ends with the EOS token
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}",
+     "</s>", ()),  # no end-of-turn marker at all
+    ("{% for %}", "</s>", ()),  # broken: the error comes when it is used, not at load
+])
+def test_any_template_brings_its_own_end_of_turn(tmp_path: Path, source: str, eos: str,
+                                                 stop: tuple[str, ...]) -> None:
+    (tmp_path / "chat_template.jinja").write_text(source)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    template = load_chat_template(tmp_path)
+    assert template.stop == stop
+    assert end_of_turn(template) == stop
 
 
 def test_tokenizer_config_list_form_uses_default(tmp_path: Path) -> None:
@@ -191,3 +235,66 @@ def test_chat_command_without_a_template_is_one_line_error(tmp_path: Path) -> No
     assert proc.stderr.count("\n") == 1 and "--template chatml" in proc.stderr
     reply = lmforge.load(run, template="chatml").chat("hi", max_new_tokens=3)  # the fix works
     assert isinstance(reply, str)
+
+
+# --------------------------------------------------------------------------- stop after finetune
+
+
+def forced_run(root: Path, template: str) -> tuple[Path, str]:
+    """A run whose greedy model answers one token, then ``<|im_end|>``, then that token again.
+
+    The blocks are zeroed to identities, so the logits depend on the current token only:
+    the prompt's last token -> WORD -> <|im_end|> -> WORD -> ... The tokenizer's EOS is
+    <|endoftext|>, not <|im_end|>: only the template's end of turn can stop the reply.
+    Returns the run and WORD's text.
+    """
+    tok = train_bpe([t for _, t in sorted(pydoc_topics_text().items())[:20]], vocab_size=300)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    cfg = DecoderConfig(vocab_size=vocab_size_of(tok), block_size=128, n_layer=1, n_head=2,
+                        n_embd=64, tie_embeddings=False)
+    model = Decoder(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    prompt = ChatTemplate(template, "t").render([{"role": "user", "content": "Hi"}])
+    last, word = tok.encode(prompt).ids[-1], tok.token_to_id("a")
+    eot = tok.token_to_id("<|im_end|>")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        e = torch.nn.functional.rms_norm(model.tok_emb.weight, (cfg.n_embd,))  # what the head sees
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[word] = 10 * (e[last] + e[eot])
+        model.lm_head.weight[eot] = 10 * e[word]
+    run = root / "forced"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg)}), encoding="utf-8")
+    tok.save(str(run / "tokenizer.json"))
+    save_checkpoint(run, TrainState(step=1), model, None)
+    (run / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return run, tok.decode([word])
+
+
+def test_chat_stops_at_the_end_of_turn_of_a_non_builtin_template(tmp_path: Path) -> None:
+    run, word = forced_run(tmp_path, SMOL_STYLE)
+    lm = lmforge.load(run)
+    assert lm.template.stop == ("<|im_end|>",)
+    prompt = lm.template.render([{"role": "user", "content": "Hi"}])
+    assert lm.generate(prompt, max_new_tokens=5, temperature=0.0) == word * 3  # no stop: on
+    assert lm.chat("Hi", max_new_tokens=5, temperature=0.0) == word  # stopped at <|im_end|>
+
+
+def test_finetuned_run_stops_at_its_templates_end_of_turn(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    base, word = forced_run(tmp_path / "runs", SMOL_STYLE)
+    rows = [{"prompt": f"q{i}", "completion": "the"} for i in range(8)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    assert cli.run(["finetune", "--run", str(base), "--data", "qa.jsonl", "--out", "ft",
+                    "--method", "lora", "--val_fraction", "0", "--train.max_steps", "2",
+                    "--train.batch_size", "4", "--train.threads", "1", "--optim.lr", "1e-6",
+                    "--optim.warmup_steps", "0"]) == 0
+    tuned = tmp_path / "runs" / "ft"
+    assert (tuned / "chat_template.jinja").read_text() == SMOL_STYLE
+    lm = lmforge.load(tuned)
+    assert lm.template.stop == ("<|im_end|>",)
+    assert lm.chat("Hi", max_new_tokens=5, temperature=0.0) == word

@@ -157,9 +157,39 @@ def load_chat_template(run_dir: Path, name: str | None = None,
 
 
 def _from_text(source: str, origin: str, bos: str, eos: str) -> ChatTemplate:
-    """A template read from a file; a copy of a built-in (finetune saves one) keeps its stop."""
-    stop = next((stop for text, stop in BUILTIN.values() if text == source), ())
-    return ChatTemplate(source, origin, bos, eos, stop)
+    """A template read from a file, with the end-of-turn string it writes after a reply.
+
+    A copy of a built-in (finetune saves one) keeps the built-in's stop; any other template is
+    asked for its own (``end_of_turn``), so a run stops where its template ends a turn.
+    """
+    template = ChatTemplate(source, origin, bos, eos)
+    builtin = next((stop for text, stop in BUILTIN.values() if text == source), None)
+    template.stop = builtin if builtin is not None else end_of_turn(template)
+    return template
+
+
+PROBE_USER, PROBE_REPLY = "lmforge probe question", "lmforge probe reply"
+
+
+def end_of_turn(template: ChatTemplate) -> tuple[str, ...]:
+    """What the template writes right after an assistant reply, up to the first whitespace.
+
+    Renders a probe conversation (one user turn, one reply) and takes the text after the
+    reply: ``<|im_end|>`` for ChatML-style templates, ``<|eot_id|>`` for Llama 3, ``</s>`` for
+    templates that end a reply with the EOS token. Whitespace-only (a template with no
+    end-of-turn marker) or a template that cannot render the probe gives ().
+    """
+    messages = [{"role": "user", "content": PROBE_USER},
+                {"role": "assistant", "content": PROBE_REPLY}]
+    try:
+        text = template.render(messages, add_generation_prompt=False)
+    except (UserError, InvalidRequest):  # a broken template fails later, where it is used
+        return ()
+    at = text.rfind(PROBE_REPLY)
+    if at < 0:
+        return ()
+    tail = text[at + len(PROBE_REPLY):].split()
+    return (tail[0],) if tail else ()
 
 
 def _read_side(run_dir: Path) -> dict[str, Any]:
