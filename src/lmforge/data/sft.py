@@ -203,22 +203,50 @@ def _pad(examples: list[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Te
     return xs, ys
 
 
-def _packed(examples: list[tuple[Tensor, Tensor]], seq_len: int) -> list[tuple[Tensor, Tensor]]:
-    """Concatenate examples into rows of exactly ``seq_len`` positions (the last row is padded).
+Packed = tuple[Tensor, Tensor, Tensor]  # (x, y, segments): a row of whole examples
 
-    Attention still crosses example boundaries (no block-diagonal mask): the usual simple
-    packing; the first token of each example carries no loss, so no label spans two examples.
+
+def _packed(examples: list[tuple[Tensor, Tensor]], seq_len: int) -> list[Packed]:
+    """Whole examples back to back in rows of at most ``seq_len`` positions, in order.
+
+    ``segments`` numbers the examples of a row (0, 0, 0, 1, 1, ...): the model's block-diagonal
+    mask keeps each token's attention within its example and restarts positions at 0, so an
+    example trains exactly as it would alone. An example never spans two rows (its second
+    part would lose its context); a row closes when the next example does not fit.
     """
-    x = torch.cat([e[0] for e in examples])
-    y = torch.cat([e[1] for e in examples])
-    return [(x[i: i + seq_len], y[i: i + seq_len]) for i in range(0, len(x), seq_len)]
+    rows: list[Packed] = []
+    row: list[tuple[Tensor, Tensor]] = []
+    used = 0
+    for x, y in examples:
+        if row and used + len(x) > seq_len:
+            rows.append(_join(row))
+            row, used = [], 0
+        row.append((x, y))
+        used += len(x)
+    return [*rows, _join(row)] if row else rows
+
+
+def _join(examples: list[tuple[Tensor, Tensor]]) -> Packed:
+    segments = [torch.full((len(x),), i, dtype=torch.long) for i, (x, _) in enumerate(examples)]
+    return (torch.cat([x for x, _ in examples]), torch.cat([y for _, y in examples]),
+            torch.cat(segments))
+
+
+def _pad_packed(rows: list[Packed], pad_id: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """((x, segments), y) of packed rows; padding is a segment of its own (-1), with no loss."""
+    xs, ys = _pad([(x, y) for x, y, _ in rows], pad_id)
+    segments = torch.full_like(xs, -1)
+    for i, (_, _, seg) in enumerate(rows):
+        segments[i, : len(seg)] = seg
+    return (xs, segments), ys
 
 
 class SftBatches:
     """Endless (x, y) batches over encoded examples, reshuffled every epoch with a seeded generator.
 
     ``group_by_length`` sorts each window of 64 batches by length before cutting batches (less
-    padding), then shuffles the batches; ``pack`` fills rows of ``seq_len`` back to back.
+    padding), then shuffles the batches; ``pack`` fills rows of up to ``seq_len`` with whole
+    examples, and x is then (ids, segments) for ``train.loop.packed_lm_loss``.
     """
 
     def __init__(self, examples: list[tuple[Tensor, Tensor]], batch_size: int, seq_len: int,
@@ -228,11 +256,11 @@ class SftBatches:
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.pad_id, self.pack, self.group = pad_id, pack, group_by_length
         self.gen = torch.Generator().manual_seed(seed)
-        self._it: Iterator[tuple[Tensor, Tensor]] = iter(())
+        self._it: Iterator[tuple[Any, Tensor]] = iter(())
 
-    def _epoch(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _epoch(self) -> Iterator[tuple[Any, Tensor]]:
         order = torch.randperm(len(self.examples), generator=self.gen).tolist()
-        items = [self.examples[i] for i in order]
+        items: list[Any] = [self.examples[i] for i in order]
         if self.pack:
             items = _packed(items, self.seq_len)
         if self.group:
@@ -241,12 +269,12 @@ class SftBatches:
                      for e in sorted(items[k: k + window], key=lambda e: len(e[0]))]
         batches = [items[k: k + self.batch_size] for k in range(0, len(items), self.batch_size)]
         for b in torch.randperm(len(batches), generator=self.gen).tolist():
-            yield _pad(batches[b], self.pad_id)
+            yield (_pad_packed if self.pack else _pad)(batches[b], self.pad_id)
 
     def __iter__(self) -> SftBatches:
         return self
 
-    def __next__(self) -> tuple[Tensor, Tensor]:
+    def __next__(self) -> tuple[Any, Tensor]:
         for _ in range(2):  # a fresh epoch when the last one ran out
             try:
                 return next(self._it)

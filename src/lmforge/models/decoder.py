@@ -377,9 +377,13 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables."""
+        """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables.
+
+        ``mask`` (B, 1, T, T), from ``segment_mask``, replaces the causal mask (packed rows).
+        """
         B, T, _ = x.shape
         D = self.cfg.head_dim
         # Heads are counted from the projections, not the config: under tensor parallelism
@@ -390,11 +394,11 @@ class Attention(nn.Module):
         H, G = q.shape[1], k.shape[1]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:
-            mask = _causal_mask(T, 0, self.cfg.sliding_window, x.device)
-        else:
+        if cache is not None:
             mask = cache.attn_mask(T, self.cfg.sliding_window, x.device)
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
+        elif mask is None:
+            mask = _causal_mask(T, 0, self.cfg.sliding_window, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -428,6 +432,31 @@ def _causal_mask(T: int, past: int, window: int | None, device: torch.device) ->
     i = torch.arange(past, n_keys, device=device)[:, None]  # (T, 1) absolute query positions
     j = torch.arange(n_keys, device=device)[None, :]  # (1, S) key positions
     return (j <= i) & (j > i - window)  # (T, S)
+
+
+def segment_positions(segments: Tensor) -> Tensor:
+    """Position of each token within its segment, (B, T): 0 where a new segment starts.
+
+    ``segments`` (B, T) labels each token with its example in a packed row (0, 0, 0, 1, 1, ...);
+    a segment is a run of equal labels, so adjacent examples need different labels.
+    """
+    T = segments.shape[1]
+    t = torch.arange(T, device=segments.device).expand_as(segments)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T)
+
+
+def segment_mask(segments: Tensor, window: int | None) -> Tensor:
+    """Bool (B, 1, T, T): causal, and only within a segment (block-diagonal), for packed rows.
+
+    Every query sees at least itself, so no row of the mask is empty (SDPA would give NaN).
+    """
+    i = torch.arange(segments.shape[1], device=segments.device)
+    mask = (i[None, :] <= i[:, None]) & (segments[:, :, None] == segments[:, None, :])  # (B, T, T)
+    if window is not None:
+        mask &= i[None, :] > i[:, None] - window
+    return mask[:, None]  # (B, 1, T, T), broadcast over heads
 
 
 class MLP(nn.Module):
@@ -466,10 +495,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -566,17 +596,27 @@ class Decoder(nn.Module):
         return RowKVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype,
                           w.device)
 
-    def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: Cache | None = None,
+                segments: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) in the parameter dtype for token ids ``idx`` (B, T).
 
         With a cache, ``idx`` continues the cached sequence(s): positions start at each row's
         cache length, attention covers the cached and the new tokens, and the cache advances
-        by T. The loss is computed by the caller.
+        by T. ``segments`` (B, T) packs several examples per row (no cache): each token attends
+        only within its own example and positions restart at 0 per example, so each example
+        gets the logits it would get alone (HF's packing with position ids). The loss is
+        computed by the caller.
         """
         B, T = idx.shape
         self._check_length(B, T, cache)
+        mask = None
         # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
         pos = slice(0, T) if cache is None else cache.positions(T)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments: packed rows are for training, not with a KV cache")
+            pos = segment_positions(segments)  # (B, T)
+            mask = segment_mask(segments, self.cfg.sliding_window)  # (B, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.cfg.pos == "learned":
             x = x + self.pos_emb.weight[pos]  # (T, C) or (B, T, C)
@@ -589,7 +629,7 @@ class Decoder(nn.Module):
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, D): one row per sequence
         x = self.emb_drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.norm_f(x))  # (B, T, V)

@@ -11,6 +11,10 @@
     bert.fill_mask("To be or not to [MASK]")                  # top guesses per [MASK]
     bert.embed(["first text", "second"])                      # (2, n_embd) mean-pooled states
 
+    clf = lmforge.load("runs/minilm-vader")                   # a classifier (finetune --task classify)
+    clf.classify(["A gem of a film.", "Dull and far too long."])
+    # [{"label": "positive", "score": 0.97, "probs": {"negative": 0.03, "positive": 0.97}}, ...]
+
 Generation goes through the continuous-batching engine (``infer/engine.py``) in the caller's
 thread: a list of prompts runs as one batch, and one prompt gives the same greedy text as
 ``lmforge generate``. Not thread-safe: use one object per thread, or ``lmforge serve``.
@@ -27,13 +31,13 @@ from torch import Tensor
 
 from lmforge.checkpoint import load_model_weights, read_meta
 from lmforge.config import ConfigError, UserError, from_dict, load_yaml
-from lmforge.data.mlm import MlmVocab
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.mlm import PAD_TOKEN, MlmVocab
 from lmforge.infer.chat import ChatTemplate, load_chat_template, stop_token_ids
 from lmforge.infer.engine import Engine, SamplingParams
 from lmforge.infer.quant import quantize
-from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
+from lmforge.models.encoder import EncoderConfig, EncoderForClassification, EncoderForMaskedLM
 from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
+from lmforge.recipes.finetune import classify_batch, classify_ids, encoder_tokenizer
 
 
 class LM:
@@ -209,26 +213,94 @@ class EncoderLM:
     chat = generate
 
 
-def _load_encoder(run_dir: Path, ckpt: Path, saved: dict[str, Any], device: str) -> EncoderLM:
+class Classifier:
+    """A loaded sequence classifier (``finetune --task classify``, or an imported
+    BertForSequenceClassification): ``classify``."""
+
+    def __init__(self, model: EncoderForClassification, tokenizer: Any, run_dir: Path,
+                 step: int, labels: list[str], max_len: int):
+        self.model, self.tokenizer, self.run_dir, self.step = model, tokenizer, run_dir, step
+        self.labels, self.max_len = labels, max_len
+        self.pad_id = tokenizer.token_to_id(PAD_TOKEN) or 0
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.run_dir)!r}, labels={self.labels}, step={self.step})"
+
+    @torch.inference_mode()
+    def classify(self, texts: str | list[str], batch_size: int = 32) -> Any:
+        """Per text: ``{"label", "score", "probs"}``, the most likely label name, its
+        probability and every label's (softmax over the logits). A string gives one dict, a list
+        a list; a text longer than training's ``max_len`` tokens is cut as in training."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        device = self.model.classifier.weight.device
+        out: list[dict[str, Any]] = []
+        for k in range(0, len(batch), batch_size):
+            rows = [(torch.tensor(classify_ids(self.tokenizer, t, self.max_len)), 0)
+                    for t in batch[k: k + batch_size]]
+            (ids, mask), _ = classify_batch(rows, self.pad_id)
+            probs = self.model(ids.to(device), mask.to(device)).float().softmax(-1)  # (B, L)
+            for row in probs.tolist():
+                best = max(range(len(row)), key=row.__getitem__)
+                out.append({"label": self.labels[best], "score": row[best],
+                            "probs": dict(zip(self.labels, row))})
+        return out[0] if isinstance(texts, str) else out
+
+    def generate(self, *args: Any, **kw: Any) -> Any:
+        """Text generation: needs a decoder run."""
+        raise UserError(f"{self.run_dir}: a classifier does not generate text; load a decoder run")
+
+    chat = generate
+
+    def fill_mask(self, *args: Any, **kw: Any) -> Any:
+        """Masked-token prediction: needs a masked-LM encoder run."""
+        raise UserError(f"{self.run_dir}: a classifier has no masked-LM head; load the encoder "
+                        "run it was fine-tuned from")
+
+    embed = fill_mask
+
+
+def _encoder_cfg(run_dir: Path, saved: dict[str, Any]) -> EncoderConfig:
     try:
-        cfg = from_dict(EncoderConfig, saved.get("encoder", {}), "encoder")
+        return from_dict(EncoderConfig, saved.get("encoder", {}), "encoder")
     except ConfigError as e:
         raise UserError(f"{run_dir / 'config.yaml'}: {e}") from None
+
+
+def _load_encoder(run_dir: Path, ckpt: Path, saved: dict[str, Any], device: str) -> EncoderLM:
     with torch.device("meta"):
-        model = EncoderForMaskedLM(cfg)
+        model = EncoderForMaskedLM(_encoder_cfg(run_dir, saved))
     model.to_empty(device=device)
     model.init_weights()
     load_model_weights(ckpt, model)
     step = int(read_meta(ckpt).get("step", 0))
-    return EncoderLM(model.eval(), load_tokenizer(run_dir / "tokenizer.json"), run_dir, step)
+    return EncoderLM(model.eval(), encoder_tokenizer(run_dir / "tokenizer.json"), run_dir, step)
+
+
+def _load_classifier(run_dir: Path, ckpt: Path, saved: dict[str, Any],
+                     device: str) -> Classifier:
+    cfg = _encoder_cfg(run_dir, saved)
+    labels = saved.get("labels")
+    if not isinstance(labels, list) or len(labels) != cfg.num_labels:
+        raise UserError(f"{run_dir / 'config.yaml'}: labels must list the {cfg.num_labels} "
+                        "label names")
+    with torch.device("meta"):
+        model = EncoderForClassification(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    load_model_weights(ckpt, model)
+    step = int(read_meta(ckpt).get("step", 0))
+    max_len = min(int(saved.get("max_len") or cfg.block_size), cfg.block_size)
+    return Classifier(model.eval(), encoder_tokenizer(run_dir / "tokenizer.json"), run_dir, step,
+                      [str(x) for x in labels], max_len)
 
 
 def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
          max_batch: int = 4, max_len: int | None = None,
-         quant: str | None = None) -> LM | EncoderLM:
+         quant: str | None = None) -> LM | EncoderLM | Classifier:
     """Load a run folder (its latest checkpoint) or a checkpoint folder for inference.
 
-    A decoder run gives an ``LM``; an encoder (``--objective mlm``) run an ``EncoderLM``.
+    A decoder run gives an ``LM``; an encoder (``--objective mlm``) run an ``EncoderLM``; a
+    classifier (``finetune --task classify``) a ``Classifier``.
     ``template`` names the chat template (``chatml`` or a .jinja file) when the run has none.
     ``max_batch`` prompts generate at once, each in ``max_len`` positions (default: the
     model's context; lower it for long-context models, the KV cache is preallocated).
@@ -236,6 +308,8 @@ def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
     """
     run_dir, ckpt = find_run_dir(Path(run))
     saved = load_yaml(run_dir / "config.yaml")
+    if saved.get("task") == "classify":
+        return _load_classifier(run_dir, ckpt, saved, device)
     objective = saved.get("objective", "clm")
     if objective == "mlm":
         return _load_encoder(run_dir, ckpt, saved, device)

@@ -1,12 +1,13 @@
-"""Evaluate a decoder run on a file: perplexity, and on chat/completion data greedy generations.
+"""Evaluate a run on a file: perplexity, greedy generations, or classification accuracy.
 
 A `.txt` file, or JSONL rows with a "text" field, gives loss and perplexity over all tokens.
 JSONL chat rows ({prompt, completion}, {messages}, {conversations}) give loss and perplexity
 on the reply tokens (rendered with the run's chat template, as in training), then each prompt
 (the conversation up to its last reply) is answered greedily and scored against that reply:
 exact match, token Jaccard, ROUGE-1/2/L (rouge-score) and BLEU (sacrebleu). `--baseline RUN2`
-evaluates a second run the same way and prints both side by side. Results are saved as
-eval_<data name>.json in the run folder.
+evaluates a second run the same way and prints both side by side. A classifier run
+(`finetune --task classify`) on {text, label} rows gives loss, accuracy and macro-F1. Results are
+saved as eval_<data name>.json in the run folder.
 """
 
 from __future__ import annotations
@@ -22,17 +23,26 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import ConfigError, UserError
-from lmforge.data.sft import encode_conversation, eval_batches, read_conversations, to_example
+from lmforge.config import ConfigError, UserError, load_yaml
+from lmforge.data.sft import (
+    encode_conversation,
+    eval_batches,
+    read_conversations,
+    read_labeled,
+    to_example,
+)
 from lmforge.eval.generation import generation_metrics
 from lmforge.eval.lm import lm_loss
 from lmforge.infer.generate import generate
-from lmforge.recipes.common import LoadedModel, load_model
-from lmforge.recipes.finetune import chat_setup
+from lmforge.recipes.api import Classifier
+from lmforge.recipes.api import load as load_run
+from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
+from lmforge.recipes.finetune import chat_setup, class_metrics, classify_batch, classify_ids
 
 EXAMPLES = """
 lmforge eval --run runs/chat-lora --data test.jsonl --baseline runs/shakespeare
 lmforge eval --run runs/shakespeare --data notes.txt
+lmforge eval --run runs/minilm-vader --data data/vader/test.jsonl   # a classifier
 """
 
 
@@ -56,6 +66,10 @@ class Config:
     """Sequences per forward pass for the loss."""
     threads: int | None = None
     """CPU threads for torch; null = torch's default."""
+    text_field: str = "text"
+    """Classifier runs: the JSONL/CSV field holding the text."""
+    label_field: str = "label"
+    """Classifier runs: the field holding the label (a name the classifier was trained on)."""
 
     def __post_init__(self) -> None:
         if self.max_examples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -134,16 +148,39 @@ def chat_metrics(loaded: LoadedModel, path: Path, cfg: Config) -> dict[str, Any]
             "examples": len(rows), **generation_metrics(preds, refs), "samples": samples}
 
 
+def class_eval(clf: Classifier, path: Path, cfg: Config) -> dict[str, Any]:
+    """Loss, accuracy and macro-F1 of a classifier on labelled rows (text cut as in training)."""
+    texts, raw = read_labeled(path, cfg.text_field, cfg.label_field)
+    texts, raw = texts[: cfg.max_examples], raw[: cfg.max_examples]
+    unknown = sorted(set(raw) - set(clf.labels))
+    if unknown:
+        raise UserError(f"{path}: label {unknown[0]!r} is not one the classifier was trained on "
+                        f"({clf.labels})")
+    items = sorted(((torch.tensor(classify_ids(clf.tokenizer, t, clf.max_len)),
+                     clf.labels.index(r)) for t, r in zip(texts, raw)), key=lambda r: len(r[0]))
+    bs = cfg.batch_size
+    batches = [classify_batch(items[k: k + bs], clf.pad_id) for k in range(0, len(items), bs)]
+    metrics = class_metrics(clf.model, batches, prefix="eval")
+    return {"examples": len(items), **{k.removeprefix("eval_"): v for k, v in metrics.items()}}
+
+
 def evaluate_run(run: str, path: Path, cfg: Config) -> dict[str, Any]:
     """Every metric of one run on ``path``; written to <run>/eval_<name>.json."""
     from lmforge.utils.io import atomic_write_json
 
-    loaded = load_model(run)
+    run_dir, ckpt = find_run_dir(Path(run))
     t0 = time.time()
-    metrics = text_metrics(loaded, path, cfg) if _is_text(path) else chat_metrics(loaded, path, cfg)
-    result = {"run": str(loaded.run_dir), "checkpoint": loaded.checkpoint.name,
+    if load_yaml(run_dir / "config.yaml").get("task") == "classify":
+        clf = load_run(run)
+        assert isinstance(clf, Classifier)
+        metrics = class_eval(clf, path, cfg)
+    else:
+        loaded = load_model(run)
+        metrics = (text_metrics(loaded, path, cfg) if _is_text(path)
+                   else chat_metrics(loaded, path, cfg))
+    result = {"run": str(run_dir), "checkpoint": ckpt.name,
               "data": str(path), "seconds": round(time.time() - t0, 1), **metrics}
-    atomic_write_json(loaded.run_dir / f"eval_{path.stem}.json", result)
+    atomic_write_json(run_dir / f"eval_{path.stem}.json", result)
     return result
 
 

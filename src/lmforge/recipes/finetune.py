@@ -7,17 +7,22 @@ no reply token or no end-of-turn token is refused before anything is written. Th
 folder loads like any other (`lmforge generate`, `chat`, `eval`): its checkpoint holds the
 merged weights; LoRA/QLoRA runs also keep adapter.safetensors + adapter.json (`lmforge merge`).
 
---task classify fine-tunes an encoder run instead, with a new classification head on
-{text, label} rows, and reports val accuracy.
+--task classify fine-tunes an encoder instead (an encoder run, or a Hugging Face BERT folder
+such as all-MiniLM-L6-v2's), with a new classification head on {text, label} rows, and reports
+val (and test) accuracy and macro-F1 before and after.
+
+--resume continues an interrupted run from its latest checkpoint (weights, optimizer, RNG and
+data position), so it ends bit-identical to a run that was never stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from lmforge.checkpoint import TrainState, save_checkpoint
+from lmforge.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.config import (
     ConfigError,
     OptimConfig,
@@ -45,7 +50,8 @@ from lmforge.data.sft import SftBatches, eval_batches, read_labeled, to_example
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.lm import lm_loss, lm_metrics
 from lmforge.infer.chat import BUILTIN, ChatTemplate, load_chat_template
-from lmforge.models.encoder import EncoderConfig, EncoderForClassification
+from lmforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, load_hf_encoder
+from lmforge.models.encoder import Encoder, EncoderConfig, EncoderForClassification
 from lmforge.models.lora import (
     LoraConfig,
     LoRALinear,
@@ -56,7 +62,7 @@ from lmforge.models.lora import (
 )
 from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
 from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
-from lmforge.train.loop import LoopHooks, causal_lm_loss, train
+from lmforge.train.loop import LoopHooks, causal_lm_loss, packed_lm_loss, train
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics
@@ -71,6 +77,7 @@ lmforge finetune --run shakespeare --data chat.jsonl --method lora --out chat-lo
 lmforge finetune --run smollm2 --data qa.jsonl --method qlora --lora.rank 16 --out qa
 lmforge finetune --run shakespeare --data pc.jsonl --method full --train.max_steps 300 --out pc
 lmforge finetune --task classify --run runs/bert --data reviews.jsonl --method full --out senti
+lmforge finetune --run smollm2 --data qa.jsonl --out qa --resume   # continue after a stop
 """
 
 
@@ -79,7 +86,7 @@ class Config:
     """Options of `lmforge finetune`."""
 
     run: str = "runs/shakespeare"
-    """The base: a decoder run folder (pretrained or imported) or one of its checkpoints."""
+    """The base: a decoder run folder (pretrained or imported) or one of its checkpoints; classify: an encoder run or a Hugging Face BERT folder (config.json, model.safetensors, tokenizer.json)."""
     data: str = "train.jsonl"
     """JSONL of {prompt, completion}, {messages: [...]} or {conversations: [...]} rows."""
     out: str = "finetuned"
@@ -90,6 +97,10 @@ class Config:
     """classify: the JSONL field holding the text."""
     label_field: str = "label"
     """classify: the JSONL field holding the label (string or integer)."""
+    val_data: str | None = None
+    """classify: JSONL of held-out rows for val accuracy / macro-F1; null = --val_fraction of --data."""
+    test_data: str | None = None
+    """classify: JSONL of test rows, scored with the untrained head before training and once after (never used for training or early stopping)."""
     method: Method = "lora"
     """full = every weight trains; lora = low-rank adapters on a frozen base; qlora = lora over an NF4 (4-bit) base."""
     runs_dir: str = "runs"
@@ -101,7 +112,7 @@ class Config:
     val_fraction: float = 0.1
     """Share of the rows held out to report val loss on reply tokens (0 = none)."""
     pack: bool = False
-    """Pack examples back to back into rows of max_len tokens (no padding; attention crosses examples)."""
+    """Pack whole examples back to back into rows of up to max_len tokens (less padding); each attends only within itself."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -114,10 +125,16 @@ class Config:
     """Training loop."""
     overwrite: bool = False
     """Delete an existing run of the same name and start over."""
+    resume: bool = False
+    """Continue the --out run from its latest checkpoint: weights, optimizer, schedule, RNG and data position, so it ends as an uninterrupted run would."""
 
     def __post_init__(self) -> None:
         if not self.out or "/" in self.out or self.out.startswith("."):
             raise ConfigError(f"out: '{self.out}' is not a valid run name (no '/', not hidden)")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other; choose one")
+        if self.task != "classify" and (self.val_data or self.test_data):
+            raise ConfigError("val_data, test_data: only --task classify reads them")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.max_len is not None and self.max_len < 2:
@@ -208,19 +225,114 @@ def _split(report: CheckReport, max_len: int, val_fraction: float,
 def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists():
         if not overwrite:
-            raise UserError(f"{run_dir} exists; pass --overwrite to replace it or pick another --out")
+            raise UserError(f"{run_dir} exists; pass --resume to continue it, --overwrite to "
+                            "replace it, or pick another --out")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
 
 
+# --------------------------------------------------------------------------- exact resume
+
+TRAINABLE = "trainable."  # checkpoint extras: the trained tensors of a (Q)LoRA model, by name
+# Options a resumed run may change: where and how it reports, not what it computes (a new
+# --train.max_steps, as in pretrain, continues on the schedule of the new length).
+RESUME_FREE = ("resume", "overwrite", "train.threads", "train.max_steps", "train.log_every",
+               "train.eval_every", "train.save_every", "train.keep_last", "train.trackers")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def start_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Create a new run's folder (never clobbering one by accident), or check that the run
+    --resume continues was started with the same options."""
+    if not cfg.resume:
+        _prepare_dir(run_dir, cfg.overwrite)
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to start it")
+    saved = _flat(load_yaml(run_dir / "config.yaml").get("finetune") or {})
+    for key, value in _flat(to_dict(cfg)).items():
+        if key not in RESUME_FREE and saved.get(key, value) != value:
+            raise UserError(f"--resume: {key} is {value!r} but {run_dir} was started with "
+                            f"{saved[key]!r}; resume with the options it was started with")
+
+
+def data_digest(*paths: str | None) -> str:
+    """sha256 over the data files: a resumed run must read the very same rows."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path:
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def save_resumable(run_dir: Path, state: TrainState, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, info: dict[str, Any], keep_last: int) -> None:
+    """A checkpoint of the plain (merged) weights plus the optimizer; for (Q)LoRA also the
+    trained tensors themselves, since merged weights cannot be split back into base + adapter."""
+    plain = plain_copy(model)
+    extra = {} if plain is model else {TRAINABLE + n: p.detach()
+                                       for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(run_dir, state, plain, optimizer, extra=extra, info=info,
+                    keep_last=keep_last, is_best=False)
+
+
+def resume_from(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                batches: Iterator[Any], grad_accum: int, digest: str,
+                console: Console) -> tuple[TrainState, dict[str, Any]]:
+    """Restore weights, optimizer, RNG and data position from the run's latest checkpoint;
+    (state, the checkpoint's info). A run stopped before its first save starts over."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return TrainState(), {}
+    plain = plain_copy(model)
+    state, extra, info = load_checkpoint(ckpt, plain, optimizer)
+    if info.get("data_sha256", digest) != digest:
+        raise UserError(f"--resume: the data files changed since {run_dir} was started; "
+                        "resume with the same files or start over with --overwrite")
+    if plain is not model:
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        lost = [n for n in trained if TRAINABLE + n not in extra]
+        if lost:
+            raise UserError(f"{ckpt}: holds no {lost[0]} (saved by an older lmforge?), so the "
+                            "adapters cannot resume; start over with --overwrite")
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(extra[TRAINABLE + n])
+    # The batch streams are seeded and cheap to rebuild: replaying the batches the stopped run
+    # drew (the loop draws grad_accum per step) puts the data position exactly where it was.
+    for _ in range(state.step * grad_accum):
+        next(batches)
+    console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
+    return state, info
+
+
+def interrupted(run_dir: Path) -> UserError:
+    """The one-line error of a Ctrl-C: where the last checkpoint is, and how to go on."""
+    last = latest_checkpoint(run_dir)
+    where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
+    return UserError(f"interrupted; {where}; continue with the same command and --resume")
+
+
 def main(cfg: Config) -> int:
-    """Check the data, adapt the model, train through the one loop, write the run folder."""
+    """Fine-tune for the task; a Ctrl-C ends in one line that says how to resume."""
     console = Console()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    if cfg.task == "classify":
-        return classify_main(cfg, console)
+    try:
+        return classify_main(cfg, console) if cfg.task == "classify" else chat_main(cfg, console)
+    except KeyboardInterrupt:
+        raise interrupted(Path(cfg.runs_dir) / cfg.out) from None
+
+
+def chat_main(cfg: Config, console: Console) -> int:
+    """Check the data, adapt the model, train through the one loop, write the run folder."""
     loaded = load_model(cfg.run)
     tok = loaded.tokenizer
     template, eot = chat_setup(loaded.run_dir, cfg.template, tok, loaded.eos_id)  # type: ignore[arg-type]
@@ -236,16 +348,20 @@ def main(cfg: Config) -> int:
     optimizer = build_optimizer(model, cfg.optim)
     val = eval_batches(val_ex, cfg.train.batch_size, pad_id)
     evaluate = (lambda m: lm_metrics(lm_loss(m, val)[0], None)) if val else None
-    before = evaluate(model) if evaluate else {}
     run_dir = Path(cfg.runs_dir) / cfg.out
-    _prepare_dir(run_dir, cfg.overwrite)  # every check passed: only now touch the disk
+    start_run_dir(cfg, run_dir)  # every check passed: only now touch the disk
+    digest = data_digest(cfg.data)
+    state, done = (resume_from(run_dir, model, optimizer, batches, cfg.train.grad_accum, digest,
+                               console) if cfg.resume else (TrainState(), {}))
+    before = done["before"] if "before" in done else (evaluate(model) if evaluate else {})
     info = {"base_run": str(loaded.run_dir.resolve()), "method": cfg.method,
             "lora": lora_info(cfg.lora), "adapted": adapted}
     write_run_files(run_dir, loaded, template, {"finetune": to_dict(cfg)})
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
-        save_checkpoint(run_dir, state, plain_copy(model), None, info={"metrics": metrics,
-                        "method": cfg.method}, keep_last=cfg.train.keep_last, is_best=False)
+        save_resumable(run_dir, state, model, optimizer, {
+            "metrics": metrics, "method": cfg.method, "before": before, "data_sha256": digest},
+            cfg.train.keep_last)
         if adapted:
             save_adapter(run_dir, model, info)
 
@@ -255,9 +371,11 @@ def main(cfg: Config) -> int:
                   f"{len(val_ex)} val examples, {report.summary()['loss_fraction']:.0%} of "
                   f"tokens carry loss")
     t0 = time.time()
-    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console) as log:
-        state = train(model, optimizer, batches, causal_lm_loss(cfg.train.label_smoothing),
-                      cfg.train, cfg.optim, TrainState(), log, LoopHooks(evaluate, save))
+    loss = packed_lm_loss if cfg.pack else causal_lm_loss  # packed x = (ids, segments)
+    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
+                   start_step=state.step) as log:
+        state = train(model, optimizer, batches, loss(cfg.train.label_smoothing),
+                      cfg.train, cfg.optim, state, log, LoopHooks(evaluate, save))
     plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                     title=f"{cfg.out} ({cfg.method})")
     after = evaluate(model) if evaluate else {}
@@ -273,14 +391,23 @@ def main(cfg: Config) -> int:
 
 # --------------------------------------------------------------------------- --task classify
 
+Items = list[tuple[Tensor, int]]  # ([CLS] text [SEP] ids, label index) per row
 
-def load_encoder_classifier(cfg: Config, num_labels: int) -> tuple[EncoderForClassification, Path]:
-    """An encoder run's body under a fresh classification head; (model, run dir)."""
-    run_dir, ckpt = find_run_dir(Path(cfg.run))
+
+def load_encoder_classifier(run: str, num_labels: int) -> tuple[EncoderForClassification, Path]:
+    """An encoder's body under a fresh classification head; (model, folder of tokenizer.json).
+
+    ``run`` is an encoder run (or one of its checkpoints) or a Hugging Face BERT folder
+    (BertModel, BertForMaskedLM or BertForSequenceClassification, e.g. all-MiniLM-L6-v2).
+    """
+    path = Path(run)
+    if (path / CONFIG_FILE).is_file() and not (path / "config.yaml").is_file():
+        return _hf_classifier(path, num_labels), path
+    run_dir, ckpt = find_run_dir(path)
     saved = load_yaml(run_dir / "config.yaml")
     if not isinstance(saved.get("encoder"), dict):
         raise UserError(f"{run_dir}: --task classify needs an encoder run "
-                        "(`lmforge pretrain --objective mlm`)")
+                        "(`lmforge pretrain --objective mlm`) or a Hugging Face BERT folder")
     ecfg = from_dict(EncoderConfig, {**saved["encoder"], "num_labels": num_labels}, "encoder")
     model = EncoderForClassification(ecfg)
     body = {k: v for k, v in load_file(ckpt / "model.safetensors").items()
@@ -294,53 +421,109 @@ def load_encoder_classifier(cfg: Config, num_labels: int) -> tuple[EncoderForCla
     return model, run_dir
 
 
-def _classify_examples(tok: Tokenizer, texts: list[str], labels: list[int],
-                       max_len: int) -> list[tuple[Tensor, int]]:
-    ids = [tok.token_to_id(t) for t in (CLS_TOKEN, SEP_TOKEN, PAD_TOKEN)]
-    if None in ids:
-        raise UserError("the encoder run's tokenizer lacks [CLS], [SEP] or [PAD]")
-    cls, sep, _ = ids
-    return [(torch.tensor([cls, *tok.encode(t).ids[: max_len - 2], sep]), y)
-            for t, y in zip(texts, labels)]
+def _hf_classifier(folder: Path, num_labels: int) -> EncoderForClassification:
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise UserError(f"{folder}: has no {TOKENIZER_FILE}; write one with transformers: "
+                        "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+    loaded, _ = load_hf_encoder(folder, torch.float32)
+    body = loaded if isinstance(loaded, Encoder) else loaded.bert
+    model = EncoderForClassification(replace(body.cfg, num_labels=num_labels))
+    missing, unexpected = model.bert.load_state_dict(body.state_dict(), strict=False)
+    # A masked-LM file has no pooler: it starts fresh, like the classifier.
+    assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
+    return model
 
 
-def _classify_batch(items: list[tuple[Tensor, int]], pad: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+def encoder_tokenizer(path: Path) -> Tokenizer:
+    """An encoder's tokenizer.json, set to encode one text as it is: no padding, no truncation.
+
+    A Hugging Face BERT tokenizer.json may pad every text to a fixed length (all-MiniLM-L6-v2's
+    pads to 128 with [PAD]) and add [CLS]/[SEP] itself; we add them and pad per batch.
+    """
+    tok = load_tokenizer(path)
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def classify_ids(tok: Tokenizer, text: str, max_len: int) -> list[int]:
+    """``[CLS] text [SEP]`` ids, the text cut to fit ``max_len`` tokens (as in training)."""
+    cls, sep = tok.token_to_id(CLS_TOKEN), tok.token_to_id(SEP_TOKEN)
+    if cls is None or sep is None:
+        raise UserError("the encoder's tokenizer has no [CLS] or [SEP] token")
+    return [cls, *tok.encode(text, add_special_tokens=False).ids[: max_len - 2], sep]
+
+
+def classify_batch(items: Items, pad: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """((ids (B, T), attention mask (B, T)), labels (B,)), right-padded to the longest row."""
     width = max(len(x) for x, _ in items)
     ids = torch.full((len(items), width), pad, dtype=torch.long)
-    for i, (x, _) in enumerate(items):
-        ids[i, : len(x)] = x
     mask = torch.zeros_like(ids)
     for i, (x, _) in enumerate(items):
+        ids[i, : len(x)] = x
         mask[i, : len(x)] = 1
     return (ids, mask), torch.tensor([y for _, y in items])
 
 
-def _classify_batches(items: list[tuple[Tensor, int]], batch_size: int, pad: int,
+def _classify_batches(items: Items, batch_size: int, pad: int,
                       seed: int) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(items), generator=gen).tolist()
         for k in range(0, len(order), batch_size):
-            yield _classify_batch([items[i] for i in order[k: k + batch_size]], pad)
+            yield classify_batch([items[i] for i in order[k: k + batch_size]], pad)
 
 
 def _class_loss(model: nn.Module, x: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(model(*x), y)
 
 
+def macro_f1(pred: Tensor, gold: Tensor, num_labels: int) -> float:
+    """Mean of the per-class F1 over the classes that occur in ``gold`` or ``pred``."""
+    conf = torch.zeros(num_labels, num_labels)  # (gold, predicted)
+    conf.index_put_((gold, pred), torch.ones(len(gold)), accumulate=True)
+    tp = conf.diag()
+    denom = conf.sum(0) + conf.sum(1)  # 2*tp + fp + fn
+    seen = denom > 0
+    return float((2 * tp[seen] / denom[seen]).mean())
+
+
 @torch.no_grad()
-def class_metrics(model: nn.Module, batches: list) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over fixed batches."""
+def class_metrics(model: nn.Module, batches: list, prefix: str = "val") -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 over fixed batches."""
     was = model.training
     model.eval()
-    loss, correct, n = 0.0, 0, 0
+    loss, preds, golds = 0.0, [], []
     for x, y in batches:
         logits = model(*x)  # (B, num_labels)
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        n += len(y)
+        preds.append(logits.argmax(-1))
+        golds.append(y)
     model.train(was)
-    return {"val_loss": loss / n, "val_accuracy": correct / n}
+    pred, gold = torch.cat(preds), torch.cat(golds)
+    return {f"{prefix}_loss": loss / len(gold),
+            f"{prefix}_accuracy": float((pred == gold).float().mean()),
+            f"{prefix}_macro_f1": macro_f1(pred, gold, model.cfg.num_labels)}  # type: ignore[arg-type]
+
+
+def _read_items(path: str, cfg: Config, tok: Tokenizer, names: list[str] | None,
+                max_len: int) -> tuple[list[str], Items]:
+    """(label names, encoded rows) of a {text, label} file; names=None takes the file's own."""
+    texts, raw = read_labeled(path, cfg.text_field, cfg.label_field)
+    names = names or sorted(set(raw))
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise UserError(f"{path}: label {unknown[0]!r} does not occur in --data {cfg.data} "
+                        f"(labels {names})")
+    return names, [(torch.tensor(classify_ids(tok, t, max_len)), names.index(r))
+                   for t, r in zip(texts, raw)]
+
+
+def _split_items(cfg: Config, items: Items) -> tuple[Items, Items]:
+    """(train, val): --val_fraction of the rows, drawn with the seed, unless --val_data."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.train.seed))
+    n_val = max(1, int(len(items) * cfg.val_fraction)) if cfg.val_fraction else 0
+    return [items[i] for i in order[n_val:].tolist()], [items[i] for i in order[:n_val].tolist()]
 
 
 def classify_main(cfg: Config, console: Console) -> int:
@@ -348,46 +531,81 @@ def classify_main(cfg: Config, console: Console) -> int:
     if cfg.method == "qlora":
         raise ConfigError("method: --task classify supports full and lora (the new head must "
                           "train in full precision)")
-    texts, raw = read_labeled(cfg.data, cfg.text_field, cfg.label_field)
-    names = sorted(set(raw))
-    model, base_dir = load_encoder_classifier(cfg, len(names))
-    tok = load_tokenizer(base_dir / "tokenizer.json")
+    names = sorted(set(read_labeled(cfg.data, cfg.text_field, cfg.label_field)[1]))
+    model, base_dir = load_encoder_classifier(cfg.run, len(names))
+    tok = encoder_tokenizer(base_dir / TOKENIZER_FILE)
     max_len = min(cfg.max_len or model.cfg.block_size, model.cfg.block_size)
-    items = _classify_examples(tok, texts, [names.index(r) for r in raw], max_len)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.train.seed))
-    n_val = max(1, int(len(items) * cfg.val_fraction)) if cfg.val_fraction else 0
-    val = [items[i] for i in order[:n_val].tolist()]
-    train_items = [items[i] for i in order[n_val:].tolist()]
-    pad = tok.token_to_id(PAD_TOKEN)
-    val_b = [_classify_batch(val[k: k + cfg.train.batch_size], pad)
-             for k in range(0, len(val), cfg.train.batch_size)]
+    _, items = _read_items(cfg.data, cfg, tok, names, max_len)
+    if cfg.val_data:
+        train_items, val = items, _read_items(cfg.val_data, cfg, tok, names, max_len)[1]
+    else:
+        train_items, val = _split_items(cfg, items)
+    test = _read_items(cfg.test_data, cfg, tok, names, max_len)[1] if cfg.test_data else []
+    pad, bs = tok.token_to_id(PAD_TOKEN), cfg.train.batch_size
+    if pad is None:
+        raise UserError("the encoder's tokenizer has no [PAD] token")
+    # Metrics do not depend on the order: batches of rows of similar length carry less padding.
+    val_b, test_b = ([classify_batch(rows[k: k + bs], pad) for k in range(0, len(rows), bs)]
+                     for rows in (sorted(val, key=lambda r: len(r[0])),
+                                  sorted(test, key=lambda r: len(r[0]))))
     evaluate = (lambda m: class_metrics(m, val_b)) if val_b else None
+
+    def scores(m: nn.Module) -> dict[str, float]:  # before and after: val and test
+        return {**(evaluate(m) if evaluate else {}),
+                **(class_metrics(m, test_b, "test") if test_b else {})}
+
+    total = sum(p.numel() for p in model.parameters())
+    targets = cfg.lora.targets
+    if cfg.method == "lora" and not any(n == t or n.endswith("." + t) for t in targets
+                                        for n, _ in model.named_modules()):
+        raise UserError(f"lora.targets {','.join(targets)}: the encoder has no such layer; "
+                        "name its own (--lora.targets query,key,value,dense) or use --method full")
     prepare_model(model, cfg)
     if cfg.method == "lora":
         for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
             p.requires_grad_(True)  # the new head always trains
-    before = evaluate(model) if evaluate else {}
+    optimizer = build_optimizer(model, cfg.optim)
+    batches = _classify_batches(train_items, bs, pad, cfg.train.seed)
     run_dir = Path(cfg.runs_dir) / cfg.out
-    _prepare_dir(run_dir, cfg.overwrite)
+    start_run_dir(cfg, run_dir)  # every check passed: only now touch the disk
+    digest = data_digest(cfg.data, cfg.val_data, cfg.test_data)
+    state, done = (resume_from(run_dir, model, optimizer, batches, cfg.train.grad_accum, digest,
+                               console) if cfg.resume else (TrainState(), {}))
+    before = done["before"] if "before" in done else scores(model)  # the untrained head
     saved = {"encoder": to_dict(model.cfg), "task": "classify", "labels": names,
-             "finetune": to_dict(cfg)}
+             "max_len": max_len, "finetune": to_dict(cfg)}
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    atomic_write_text(run_dir / "tokenizer.json", tok.to_str())
+    for name in (TOKENIZER_FILE, *SIDE_FILES):  # the base's own files, for `lmforge export`
+        if (base_dir / name).is_file():
+            atomic_write_bytes(run_dir / name, (base_dir / name).read_bytes())
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
-        save_checkpoint(run_dir, state, plain_copy(model), None, info={"metrics": metrics},
-                        keep_last=cfg.train.keep_last, is_best=False)
+        save_resumable(run_dir, state, model, optimizer, {
+            "metrics": metrics, "before": before, "data_sha256": digest}, cfg.train.keep_last)
 
-    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console) as log:
-        state = train(model, build_optimizer(model, cfg.optim),
-                      _classify_batches(train_items, cfg.train.batch_size, pad, cfg.train.seed),
-                      _class_loss, cfg.train, cfg.optim, TrainState(), log,
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"[bold]{cfg.out}[/]: {cfg.method} classification fine-tuning of {cfg.run}; "
+                  f"{trainable:,} of {total:,} parameters train; labels {names}; "
+                  f"{len(train_items)} train / {len(val)} val / {len(test)} test rows, "
+                  f"max_len {max_len}")
+    t0 = time.time()
+    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
+                   start_step=state.step) as log:
+        state = train(model, optimizer, batches, _class_loss, cfg.train, cfg.optim, state, log,
                       LoopHooks(evaluate, save))
-    after = evaluate(model) if evaluate else {}
+    plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
+                    title=f"{cfg.out} (classify, {cfg.method})")
+    after = scores(model)
     atomic_write_json(run_dir / "summary.json", {
         "run": cfg.out, "task": "classify", "method": cfg.method, "labels": names,
-        "steps": state.step, "train_examples": len(train_items), "val_examples": len(val),
-        "val_accuracy_before": before.get("val_accuracy"),
-        "val_accuracy": after.get("val_accuracy"), "val_loss": after.get("val_loss")})
-    console.print(f"val accuracy: {before.get('val_accuracy')} -> {after.get('val_accuracy')}")
+        "steps": state.step, "seconds": round(time.time() - t0, 1), "max_len": max_len,
+        "trainable_params": trainable, "params": total, "train_examples": len(train_items),
+        "val_examples": len(val), "test_examples": len(test),
+        **{f"{k}_before": v for k, v in before.items()}, **after})
+    for split in ("val", "test"):
+        if f"{split}_accuracy" in after:
+            console.print(f"{split} accuracy {before.get(f'{split}_accuracy', float('nan')):.4f}"
+                          f" -> {after[f'{split}_accuracy']:.4f}, macro-F1 "
+                          f"{before.get(f'{split}_macro_f1', float('nan')):.4f} -> "
+                          f"{after[f'{split}_macro_f1']:.4f}")
     return 0

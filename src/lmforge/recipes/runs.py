@@ -50,7 +50,10 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         return info
     mtime = (run_dir / "metrics.jsonl").stat().st_mtime if metrics else 0
     active = time.time() - mtime < ACTIVE_SECONDS
-    info["status"] = "running" if active else ("stopped (resumable)" if ckpt else "no checkpoint")
+    # --resume needs the optimizer state; an import (or an older fine-tune) saved weights only.
+    resumable = ckpt is not None and read_meta(ckpt).get("optimizer") is not None
+    info["status"] = ("running" if active else "stopped (resumable)" if resumable
+                      else "weights only" if ckpt else "no checkpoint")
     return info
 
 
