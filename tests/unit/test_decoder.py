@@ -115,7 +115,7 @@ def test_sliding_window_hides_exactly_the_keys_outside_it() -> None:
 
 
 def test_sliding_window_mask_matches_brute_force() -> None:
-    from lmforge.models.decoder import _causal_mask
+    from lmforge.models.kv_cache import causal_mask as _causal_mask
 
     for past, T in [(0, 9), (4, 5), (7, 1), (0, 3), (2, 2)]:
         mask = _causal_mask(T, past, 4, torch.device("cpu"))
