@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import random
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import zipfile
 from pathlib import Path
 
 import yaml
+
+from lmforge.utils.io import atomic_write_text
 
 PACKAGE = "chatterbot-corpus==1.3.3"
 WHEEL = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
@@ -75,14 +76,8 @@ def trivia_pairs(wheel: Path) -> list[dict[str, str]]:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    """Atomically: a temp file, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically (lmforge's temp file + fsync + rename)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main() -> int:

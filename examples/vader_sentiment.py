@@ -13,7 +13,7 @@ Label = positive if the rating > 0, else negative; ratings with |r| < 0.5 (near-
 raters disagreed) are dropped, and so is a repeated text (it would leak across splits); HTML
 entities ("&amp;") are unescaped. That leaves 10,070 snippets, about half positive; a seeded
 shuffle splits them 80/10/10.
-Standard library only: run it with any Python 3.9+.
+Needs only the standard library and lmforge (for its atomic file writes).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import hashlib
 import html
 import io
 import json
-import os
 import random
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from lmforge.utils.io import atomic_write_text
 
 PACKAGE = "vadersentiment==3.3.2"
 SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -102,14 +103,8 @@ def split(rows: list[dict[str, str]], seed: int,
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    """Atomically: a temp file, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically (lmforge's temp file + fsync + rename)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main() -> int:
