@@ -9,6 +9,7 @@ rename not done.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +100,11 @@ def test_sigkill_mid_checkpoint_write_then_resume_is_bit_identical(
     subprocess.run(_cmd("--run", "kill-ckpt", "--resume"), cwd=workdir, env=_env(),
                    check=True, capture_output=True, timeout=300)
     _assert_identical(straight, run)
+    # steps after 20 ran twice but are logged once: the log reads like the uninterrupted run's
+    steps = _train_steps(straight)
+    assert steps and steps[-1] == 60 and _train_steps(run) == steps
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "train"]

@@ -65,7 +65,7 @@ from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
 from lmforge.train.loop import LoopHooks, causal_lm_loss, packed_lm_loss, train
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmforge.utils.logging import RunLogger, read_metrics
+from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
 
@@ -308,6 +308,7 @@ def resume_from(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimize
     # drew (the loop draws grad_accum per step) puts the data position exactly where it was.
     for _ in range(state.step * grad_accum):
         next(batches)
+    truncate_metrics(run_dir / "metrics.jsonl", state.step)  # those steps will be logged again
     console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
     return state, info
 

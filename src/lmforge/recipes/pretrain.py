@@ -101,7 +101,7 @@ from lmforge.train.oom import oom_report
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
 from lmforge.utils.io import atomic_write_json, atomic_write_text
-from lmforge.utils.logging import RunLogger, read_metrics
+from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
 from lmforge.utils.trackers import check_trackers, make_trackers
@@ -618,7 +618,7 @@ def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
 
 
 def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
-            console: Console) -> TrainState:
+            console: Console, info: DistInfo) -> TrainState:
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is None:
         return TrainState()
@@ -632,6 +632,8 @@ def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
             import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
     batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
                              if k.startswith("loader.")})
+    if info.is_main:  # the steps after the checkpoint will be logged again
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)
     console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
     return state
 
@@ -661,7 +663,7 @@ def _main(cfg: Config, info: DistInfo) -> int:
     barrier(info)
     tr = _setup(cfg, task, info, strategy)
     batches = task.batches
-    state = _resume(cfg, tr, batches, run_dir, console)
+    state = _resume(cfg, tr, batches, run_dir, console, info)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml",
                           yaml.safe_dump(saved_config(cfg), sort_keys=False))

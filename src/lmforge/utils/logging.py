@@ -100,6 +100,29 @@ class RunLogger:
             self._progress.console.print(message)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after ``step`` (a resumed run logs those steps again).
+
+    Records without a step, and a torn last line, are dropped too only if they come after
+    the first record past ``step``; the file is rewritten atomically.
+    """
+    from lmforge.utils.io import atomic_write_text
+
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] > step:
+            break
+        kept.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Read metrics.jsonl; a torn last line (killed mid-write) is ignored."""
     out = []
