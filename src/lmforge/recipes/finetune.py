@@ -527,6 +527,43 @@ def _split_items(cfg: Config, items: Items) -> tuple[Items, Items]:
     return [items[i] for i in order[n_val:].tolist()], [items[i] for i in order[:n_val].tolist()]
 
 
+def _classify_splits(cfg: Config, tok: Tokenizer, names: list[str],
+                     max_len: int) -> tuple[Items, Items, Items]:
+    """(train, val, test) encoded rows: val from --val_data or split off --data; test optional."""
+    _, items = _read_items(cfg.data, cfg, tok, names, max_len)
+    if cfg.val_data:
+        train_items, val = items, _read_items(cfg.val_data, cfg, tok, names, max_len)[1]
+    else:
+        train_items, val = _split_items(cfg, items)
+    test = _read_items(cfg.test_data, cfg, tok, names, max_len)[1] if cfg.test_data else []
+    return train_items, val, test
+
+
+def _prepare_classifier(model: EncoderForClassification, cfg: Config) -> None:
+    """Freeze / wrap per --method; under LoRA the new head (classifier + pooler) still trains."""
+    targets = cfg.lora.targets
+    if cfg.method == "lora" and not any(n == t or n.endswith("." + t) for t in targets
+                                        for n, _ in model.named_modules()):
+        raise UserError(f"lora.targets {','.join(targets)}: the encoder has no such layer; "
+                        "name its own (--lora.targets query,key,value,dense) or use --method full")
+    prepare_model(model, cfg)
+    if cfg.method == "lora":
+        for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
+            p.requires_grad_(True)
+
+
+def _write_classifier_files(cfg: Config, run_dir: Path, base_dir: Path,
+                            model: EncoderForClassification, names: list[str],
+                            max_len: int) -> None:
+    """config.yaml (encoder, labels, max_len, options) and the base's tokenizer files."""
+    saved = {"encoder": to_dict(model.cfg), "task": "classify", "labels": names,
+             "max_len": max_len, "finetune": to_dict(cfg)}
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    for name in (TOKENIZER_FILE, *SIDE_FILES):  # the base's own files, for `lmforge export`
+        if (base_dir / name).is_file():
+            atomic_write_bytes(run_dir / name, (base_dir / name).read_bytes())
+
+
 def classify_main(cfg: Config, console: Console) -> int:
     """Fine-tune an encoder with a classification head through the one loop."""
     if cfg.method == "qlora":
@@ -536,12 +573,7 @@ def classify_main(cfg: Config, console: Console) -> int:
     model, base_dir = load_encoder_classifier(cfg.run, len(names))
     tok = encoder_tokenizer(base_dir / TOKENIZER_FILE)
     max_len = min(cfg.max_len or model.cfg.block_size, model.cfg.block_size)
-    _, items = _read_items(cfg.data, cfg, tok, names, max_len)
-    if cfg.val_data:
-        train_items, val = items, _read_items(cfg.val_data, cfg, tok, names, max_len)[1]
-    else:
-        train_items, val = _split_items(cfg, items)
-    test = _read_items(cfg.test_data, cfg, tok, names, max_len)[1] if cfg.test_data else []
+    train_items, val, test = _classify_splits(cfg, tok, names, max_len)
     pad, bs = tok.token_to_id(PAD_TOKEN), cfg.train.batch_size
     if pad is None:
         raise UserError("the encoder's tokenizer has no [PAD] token")
@@ -556,15 +588,7 @@ def classify_main(cfg: Config, console: Console) -> int:
                 **(class_metrics(m, test_b, "test") if test_b else {})}
 
     total = sum(p.numel() for p in model.parameters())
-    targets = cfg.lora.targets
-    if cfg.method == "lora" and not any(n == t or n.endswith("." + t) for t in targets
-                                        for n, _ in model.named_modules()):
-        raise UserError(f"lora.targets {','.join(targets)}: the encoder has no such layer; "
-                        "name its own (--lora.targets query,key,value,dense) or use --method full")
-    prepare_model(model, cfg)
-    if cfg.method == "lora":
-        for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
-            p.requires_grad_(True)  # the new head always trains
+    _prepare_classifier(model, cfg)
     optimizer = build_optimizer(model, cfg.optim)
     batches = _classify_batches(train_items, bs, pad, cfg.train.seed)
     run_dir = Path(cfg.runs_dir) / cfg.out
@@ -573,12 +597,7 @@ def classify_main(cfg: Config, console: Console) -> int:
     state, done = (resume_from(run_dir, model, optimizer, batches, cfg.train.grad_accum, digest,
                                console) if cfg.resume else (TrainState(), {}))
     before = done["before"] if "before" in done else scores(model)  # the untrained head
-    saved = {"encoder": to_dict(model.cfg), "task": "classify", "labels": names,
-             "max_len": max_len, "finetune": to_dict(cfg)}
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    for name in (TOKENIZER_FILE, *SIDE_FILES):  # the base's own files, for `lmforge export`
-        if (base_dir / name).is_file():
-            atomic_write_bytes(run_dir / name, (base_dir / name).read_bytes())
+    _write_classifier_files(cfg, run_dir, base_dir, model, names, max_len)
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
         save_resumable(run_dir, state, model, optimizer, {
