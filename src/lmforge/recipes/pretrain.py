@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -638,6 +639,24 @@ def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
     return state
 
 
+def _save(cfg: Config, task: Task, tr: Trainer, info: DistInfo, run_dir: Path,
+          st: TrainState, metrics: dict[str, float]) -> None:
+    """The loop's save hook: a checkpoint (sharded under FSDP / TP) and the loss plot."""
+    extra = {f"loader.{k}": v for k, v in task.batches.state_dict().items()}
+    meta = {"metrics": metrics, "preset": cfg.preset, "objective": cfg.objective}
+    best = metrics.get("val_loss") is not None and metrics["val_loss"] == st.best_val_loss
+    if has_dtensors(tr.model):  # collective: each rank writes its own shard
+        save_sharded_checkpoint(run_dir, st, tr.model, tr.optimizer, extra, meta,
+                                cfg.train.keep_last, is_best=best)
+    elif info.is_main:
+        save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer, extra, meta,
+                        cfg.train.keep_last, is_best=best)
+    if info.is_main:
+        plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
+                        title=f"{cfg.run} ({cfg.preset}, {cfg.objective})",
+                        baseline=task.baseline)
+
+
 def main(cfg: Config) -> int:
     """Train, evaluate, save and report; see the module docstring."""
     info = init_distributed(cfg.dist.device)
@@ -671,22 +690,7 @@ def _main(cfg: Config, info: DistInfo) -> int:
     console.print(f"[bold]{cfg.run}[/]: {task.describe}"
                   + (f"; {strategy} over {info.world_size} processes" if info.distributed else ""))
 
-    def save(st: TrainState, metrics: dict[str, float]) -> None:
-        extra = {f"loader.{k}": v for k, v in batches.state_dict().items()}
-        meta = {"metrics": metrics, "preset": cfg.preset, "objective": cfg.objective}
-        best = metrics.get("val_loss") is not None and metrics["val_loss"] == st.best_val_loss
-        if has_dtensors(tr.model):  # FSDP / TP, collective: each rank writes its own shard
-            save_sharded_checkpoint(run_dir, st, tr.model, tr.optimizer, extra, meta,
-                                    cfg.train.keep_last, is_best=best)
-        elif info.is_main:
-            save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer, extra, meta,
-                            cfg.train.keep_last, is_best=best)
-        if not info.is_main:
-            return
-        plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
-                        title=f"{cfg.run} ({cfg.preset}, {cfg.objective})",
-                        baseline=task.baseline)
-
+    save = functools.partial(_save, cfg, task, tr, info, run_dir)
     flops = getattr(task.model, "flops_per_token", None)
     seq_len = cfg.train.seq_len or cfg.model_cfg.block_size
     rt = Runtime(dist=info, tp=cfg.dist.tp,
@@ -716,22 +720,27 @@ def _main(cfg: Config, info: DistInfo) -> int:
     elapsed = time.time() - t0
     if has_dtensors(tr.model):
         gather_full_model(tr.model, tr.plain)  # collective; the report runs on rank 0
-    if not info.is_main:
-        return 0
+    if info.is_main:
+        _summarize(cfg, task, state, state.tokens - start_tokens, elapsed, run_dir, console)
+    return 0
+
+
+def _summarize(cfg: Config, task: Task, state: TrainState, new_tokens: int, elapsed: float,
+               run_dir: Path, console: Console) -> None:
+    """The final report (samples, tables) and summary.json; rank 0, on the plain model."""
     # tokens = labelled (predicted) tokens: every token for clm, the masked ones for mlm,
     # target tokens + EOS for seq2seq.
     summary: dict[str, Any] = {
         "run": cfg.run, "objective": cfg.objective, "preset": cfg.preset,
         "params": sum(p.numel() for p in task.model.parameters()), "steps": state.step,
         "tokens": state.tokens, "seconds": round(elapsed, 1),
-        "tokens_per_s": round((state.tokens - start_tokens) / max(elapsed, 1e-9), 1)}
+        "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1)}
     summary.update(task.report(console, summary))
     if task.baseline is not None:
         summary["unigram_baseline_loss"] = task.baseline
     atomic_write_json(run_dir / "summary.json", summary)
     keys = ("val_loss", "val_accuracy", "val_exact_match", "unigram_baseline_loss")
     console.print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
 
 
 
