@@ -49,7 +49,7 @@ from lmforge.data.mlm import CLS_TOKEN, PAD_TOKEN, SEP_TOKEN
 from lmforge.data.sft import SftBatches, eval_batches, read_labeled, to_example
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.lm import lm_loss, lm_metrics
-from lmforge.infer.chat import BUILTIN, ChatTemplate, load_chat_template
+from lmforge.infer.chat import ChatTemplate, load_chat_template
 from lmforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, EncoderForClassification
 from lmforge.models.lora import (
@@ -151,10 +151,8 @@ def chat_setup(run_dir: Path, name: str | None, tok: Tokenizer,
         if name or "has no chat template" not in str(e):
             raise  # a broken template file is the user's to fix, not to paper over
         template = load_chat_template(run_dir, "chatml", eos or "")
-    # A built-in saved as chat_template.jinja (by finetune) keeps the built-in's end of turn.
-    stops = template.stop or next((stop for src, stop in BUILTIN.values()
-                                   if src == template.source), ())
-    end_of_turn = stops[0] if stops else template.eos_token
+    # template.stop comes with any template (infer.chat renders a probe exchange through it)
+    end_of_turn = template.stop[0] if template.stop else template.eos_token
     if not end_of_turn:
         raise UserError(f"chat template {template.origin}: no end-of-turn string is known (no "
                         "stop string, no eos_token); use --template chatml")
