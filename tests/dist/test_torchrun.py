@@ -87,12 +87,18 @@ def test_fsdp_two_ranks_match_one_process(single: Path, fsdp: Path):
     _assert_close_weights(single, fsdp, 1e-4)
 
 
+def _cut_to_step_10(run: Path, name: str) -> Path:
+    """A copy of a 20-step run as if it had stopped right after its step-10 checkpoint."""
+    cut = run.parent / name
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000020")
+    (cut / "latest").write_text("step_00000010\n")
+    return cut
+
+
 def test_fsdp_checkpoint_resumes_in_one_process(workdir: Path, single: Path, fsdp: Path):
     # Cut the sharded run back to its step-10 checkpoint, then finish it in one process.
-    run = workdir / "runs" / "dist-fsdp-cut"
-    shutil.copytree(fsdp, run)
-    shutil.rmtree(run / "checkpoints" / "step_00000020")
-    (run / "latest").write_text("step_00000010\n")
+    run = _cut_to_step_10(fsdp, "dist-fsdp-cut")
     _train(workdir, "dist-fsdp-cut", 1, "none", 8, "--resume")
     ref, got = _losses(single), _losses(run)
     assert len(got) == 20  # steps 11-20 of the sharded run were dropped from the log, then redone
@@ -103,10 +109,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(workdir: Path, single: Path, fsd
 
 def test_fsdp_resumes_from_its_shards(workdir: Path, fsdp: Path):
     # the same cut, finished by two FSDP ranks reading their slices back (DCP load)
-    run = workdir / "runs" / "dist-fsdp-cut2"
-    shutil.copytree(fsdp, run)
-    shutil.rmtree(run / "checkpoints" / "step_00000020")
-    (run / "latest").write_text("step_00000010\n")
+    run = _cut_to_step_10(fsdp, "dist-fsdp-cut2")
     _train(workdir, "dist-fsdp-cut2", 2, "fsdp", 4, "--resume")
     ref, got = _losses(fsdp), _losses(run)
     assert len(got) == 20
