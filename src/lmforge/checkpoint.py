@@ -801,13 +801,13 @@ def load_sharded_checkpoint(
                         f"load_checkpoint into an unsharded model")
     weights, aliases = _sharded_model_state(model)
     _check_against_file(ckpt, ckpt / SHARDED_MODEL, weights, "model")
-    osd = tensors = None
+    tensors = None
     if optimizer is not None:
         if meta.get("optimizer") is None:
             raise UserError(f"checkpoint {ckpt} was saved without optimizer state, so it cannot "
                             f"resume training; start a new run from its weights instead")
-        osd = get_optimizer_state_dict(model, optimizer)  # creates the state tensors if new
-        tensors, _ = _split_optimizer(osd)
+        # creates the state tensors of a fresh optimizer, as DTensors shaped like this rank's
+        tensors, _ = _split_optimizer(get_optimizer_state_dict(model, optimizer))
         _check_against_file(ckpt, ckpt / SHARDED_OPTIMIZER, tensors, "optimizer")
     rng_tensors, rng_info = _load_tensors(ckpt / RNG_FILE)
     dcp.load(weights, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED_MODEL)))

@@ -94,6 +94,18 @@ def make_mesh(device: str, world_size: int, tp: int) -> DeviceMesh:
     return init_device_mesh(kind, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
+def check_tp(cfg: object, tp: int) -> None:
+    """ConfigError unless ``cfg`` is a decoder config whose query and KV heads split ``tp`` ways."""
+    for name in ("n_head", "kv_heads"):
+        heads = getattr(cfg, name, None)
+        if not isinstance(heads, int):
+            raise ConfigError("dist.tp: tensor parallelism is for decoder models (lmforge "
+                              "pretrain with the default --objective clm)")
+        if heads % tp:
+            raise ConfigError(f"dist.tp: {tp} does not divide the model's {name} ({heads}); "
+                              f"choose a tp that divides both n_head and n_kv_head")
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Megatron-style tensor parallelism for each decoder block, in place.
 
@@ -109,16 +121,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         parallelize_module,
     )
 
-    cfg = getattr(model, "cfg", None)
-    tp = tp_mesh.size()
-    for name in ("n_head", "kv_heads"):
-        heads = getattr(cfg, name, None)
-        if not isinstance(heads, int):
-            raise ConfigError("dist.tp: tensor parallelism is for decoder models (lmforge "
-                              "pretrain with the default --objective clm)")
-        if heads % tp:
-            raise ConfigError(f"dist.tp: {tp} does not divide the model's {name} ({heads}); "
-                              f"choose a tp that divides both n_head and n_kv_head")
+    check_tp(getattr(model, "cfg", None), tp_mesh.size())
     for block in _blocks(model):
         plan: dict = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
                       "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel()}

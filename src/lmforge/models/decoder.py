@@ -1,7 +1,8 @@
 """A decoder-only transformer covering the GPT-2 and Llama families.
 
 Reads top to bottom as the architecture: the config, then the components in forward order
-(norm, position encodings, attention, MLP, block), and finally ``Decoder`` with ``init_weights()``, the one place initialization happens.
+(norm, position encodings, attention, MLP, block), and finally ``Decoder`` with
+``init_weights()``, the one place initialization happens.
 
 The family differences are config fields, not subclasses:
 GPT-2 = LayerNorm + learned positions + GELU MLP + biases; Llama = RMSNorm + RoPE + SwiGLU,

@@ -80,7 +80,7 @@ class KVCache:
         return slice(self.length, self.length + T)
 
     def attn_mask(self, T: int, window: int | None, device: torch.device) -> Tensor | None:
-        """Mask of the next T queries over the cached and new keys (see ``_causal_mask``)."""
+        """Mask of the next T queries over the cached and new keys (see ``causal_mask``)."""
         return causal_mask(T, self.length, window, device)
 
     def end(self, T: int) -> int:

@@ -89,6 +89,7 @@ from lmforge.parallel import (
     apply_ddp,
     apply_fsdp,
     apply_tp,
+    check_tp,
     gather_full_model,
     grad_scaler,
     has_dtensors,
@@ -557,11 +558,7 @@ def _strategy(cfg: Config, info: DistInfo) -> str:
             raise UserError("--dist.tp: tensor parallelism is for decoders (--objective clm)")
         if info.world_size % tp:
             raise UserError(f"--dist.tp {tp} does not divide the {info.world_size} processes")
-        for name in ("n_head", "kv_heads"):
-            heads = getattr(cfg.model, name)
-            if heads % tp:
-                raise UserError(f"dist.tp: {tp} does not divide the model's {name} ({heads}); "
-                                f"choose a tp that divides both n_head and n_kv_head")
+        check_tp(cfg.model, tp)  # before anything is written
         if strategy in ("ddp", "none"):
             raise UserError(f"--dist.tp does not compose with --dist.strategy {strategy}; "
                             f"use --dist.strategy fsdp (or auto) for the data-parallel ranks")
