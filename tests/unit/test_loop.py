@@ -11,7 +11,8 @@ from torch import nn
 
 from lmforge.checkpoint import TrainState
 from lmforge.config import OptimConfig, TrainConfig
-from lmforge.train.loop import LoopHooks, TrainingDiverged, causal_lm_loss, train
+from lmforge.train.losses import causal_lm_loss
+from lmforge.train.loop import LoopHooks, Runtime, TrainingDiverged, train
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.logging import RunLogger
 
@@ -58,8 +59,8 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     base = causal_lm_loss()
 
     def sometimes_nan(model, x, y):
-        loss = base(model, x, y)
-        return loss * float("nan") if next(calls) == 1 else loss
+        total, count = base(model, x, y)
+        return (total * float("nan") if next(calls) == 1 else total), count
 
     model = TinyLM()
     before = [p.detach().clone() for p in model.parameters()]
@@ -74,7 +75,8 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
 
 def test_diverging_run_stops_with_a_clear_error():
     def always_nan(model, x, y):
-        return causal_lm_loss()(model, x, y) * float("nan")
+        total, count = causal_lm_loss()(model, x, y)
+        return total * float("nan"), count
 
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
         _run(TinyLM(), _data(10, 2), TrainConfig(max_steps=10, max_bad_steps=3),
@@ -112,3 +114,76 @@ def test_tensorboard_events_are_readable_by_tensorboard(tmp_path):
     losses = acc.Scalars("train/loss")
     assert [e.step for e in losses] == [2, 4]
     assert all(e.value > 0 for e in losses)
+
+
+def _masked_rows(seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """4 rows whose labelled-token counts differ a lot (1, 2, 6 and 8 of 8): chat-style masks."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(0, 17, (4, 9), generator=g)
+    x, y = seqs[:, :-1].clone(), seqs[:, 1:].clone()
+    for row, keep in enumerate((1, 2, 6, 8)):
+        y[row, : 8 - keep] = -100
+    return [(x[i : i + 1], y[i : i + 1]) for i in range(4)]
+
+
+def test_masked_labels_accumulation_4x1_equals_1x4():
+    rows = _masked_rows()
+    whole = [(torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows]))] * 2
+    a, b = TinyLM(), TinyLM()
+    _run(a, whole, TrainConfig(max_steps=2, batch_size=4, grad_accum=1))
+    _run(b, rows * 2, TrainConfig(max_steps=2, batch_size=1, grad_accum=4))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # the old per-micro-batch mean weighs the 1-token row like the 8-token one: it differs
+    c = TinyLM()
+
+    def per_batch_mean(model, x, y):
+        total, count = causal_lm_loss()(model, x, y)
+        return total / count * 8, torch.tensor(8)
+
+    _run(c, rows * 2, TrainConfig(max_steps=2, batch_size=1, grad_accum=4), loss_fn=per_batch_mean)
+    assert any(not torch.allclose(pa, pc, atol=1e-4) for pa, pc in zip(a.parameters(),
+                                                                       c.parameters()))
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    from lmforge.parallel import apply_ddp
+    from lmforge.utils.dist import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        rows = _masked_rows()
+        mine = [rows[rank * 2 + i] for i in range(2)] * 2  # rank 0: 1+2 tokens, rank 1: 6+8
+        model = TinyLM()
+        wrapped = apply_ddp(model, "cpu")
+        optim_cfg = OptimConfig(lr=1e-2, warmup_steps=0)
+        cfg = TrainConfig(max_steps=2, batch_size=1, grad_accum=2)
+        with RunLogger(None, 2, Console(quiet=True), enabled=rank == 0) as log:
+            train(wrapped, build_optimizer(model, optim_cfg), iter(mine), causal_lm_loss(), cfg,
+                  optim_cfg, TrainState(), log, LoopHooks(),
+                  Runtime(dist=DistInfo(rank=rank, world_size=2, launched=True)))
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_with_masked_labels(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_two_rank_worker, args=(port, out), nprocs=2, join=True)
+    rows = _masked_rows()
+    one = TinyLM()
+    _run(one, rows * 2, TrainConfig(max_steps=2, batch_size=1, grad_accum=4))
+    two = torch.load(out, weights_only=True)
+    for name, p in one.state_dict().items():
+        torch.testing.assert_close(two[name], p, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from torch import Tensor
 from lmforge import cli
 from lmforge.data.sft import SftBatches
 from lmforge.models.decoder import Decoder, DecoderConfig, segment_mask, segment_positions
-from lmforge.train.loop import causal_lm_loss, packed_lm_loss
+from lmforge.train.losses import causal_lm_loss, mean_loss, packed_lm_loss
 from tests.serve import make_tiny_run
 
 CONFIGS = {
@@ -89,7 +89,7 @@ def test_packed_loss_fn_is_the_token_mean_of_the_examples_alone(name: str) -> No
     ex = examples(6, seed=5)
     (x, segments), y = next(SftBatches(ex, batch_size=8, seq_len=64, pad_id=0, seed=0,
                                        pack=True))
-    loss = packed_lm_loss()(model, (x, segments), y)
+    loss = mean_loss(packed_lm_loss(), model, (x, segments), y)
     with torch.no_grad():
         alone = torch.cat([token_losses(model, ex_x[None], ex_y[None])[0][ex_y != -100]
                            for ex_x, ex_y in ex])
@@ -115,7 +115,8 @@ def test_unpacked_path_is_unchanged_and_one_segment_matches_it(name: str) -> Non
 def test_unpacked_batches_are_plain_tensors() -> None:
     x, y = next(SftBatches(examples(4, seed=0), batch_size=4, seq_len=32, pad_id=0, seed=0))
     assert isinstance(x, Tensor) and x.shape == y.shape
-    assert causal_lm_loss()(model_of("llama"), x, y).ndim == 0
+    total, count = causal_lm_loss()(model_of("llama"), x, y)
+    assert total.ndim == 0 and int(count) == int((y != -100).sum())
 
 
 def test_segment_positions_and_mask_by_hand() -> None:

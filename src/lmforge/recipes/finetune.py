@@ -62,7 +62,8 @@ from lmforge.models.lora import (
 )
 from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
 from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
-from lmforge.train.loop import LoopHooks, causal_lm_loss, packed_lm_loss, train
+from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
+from lmforge.train.loop import LoopHooks, train
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
@@ -473,10 +474,6 @@ def _classify_batches(items: Items, batch_size: int, pad: int,
             yield classify_batch([items[i] for i in order[k: k + batch_size]], pad)
 
 
-def _class_loss(model: nn.Module, x: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(model(*x), y)
-
-
 def macro_f1(pred: Tensor, gold: Tensor, num_labels: int) -> float:
     """Mean of the per-class F1 over the classes that occur in ``gold`` or ``pred``."""
     conf = torch.zeros(num_labels, num_labels)  # (gold, predicted)
@@ -609,7 +606,7 @@ def classify_main(cfg: Config, console: Console) -> int:
     t0 = time.time()
     with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
                    start_step=state.step) as log:
-        state = train(model, optimizer, batches, _class_loss, cfg.train, cfg.optim, state, log,
+        state = train(model, optimizer, batches, token_loss(), cfg.train, cfg.optim, state, log,
                       LoopHooks(evaluate, save))
     plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                     title=f"{cfg.out} (classify, {cfg.method})")

@@ -98,7 +98,8 @@ from lmforge.parallel import (
 )
 from lmforge.plan import TrainSettings
 from lmforge.recipes.common import LoadedModel, stream_text
-from lmforge.train.loop import LoopHooks, LossFn, Runtime, causal_lm_loss, train
+from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
+from lmforge.train.loop import LoopHooks, Runtime, train
 from lmforge.train.oom import oom_report
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
@@ -262,17 +263,6 @@ def build_model(cls: Callable[[Any], nn.Module], mcfg: Any, gen: torch.Generator
 def _forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
     """The model on a batch input: one tensor, or a tuple of positional arguments."""
     return model(*x) if isinstance(x, tuple) else model(x)
-
-
-def token_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Cross-entropy over labelled positions (-100 = none) for models returning (B, T, V)."""
-
-    def loss_fn(model: nn.Module, x: Any, y: Tensor) -> Tensor:
-        logits = _forward(model, x)  # (B, T, V)
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                           ignore_index=-100, label_smoothing=label_smoothing)
-
-    return loss_fn
 
 
 @torch.no_grad()

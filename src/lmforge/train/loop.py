@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from lmforge.checkpoint import TrainState
 from lmforge.config import OptimConfig, TrainConfig, UserError
 from lmforge.parallel import autocast, clip_grad_norm, grad_sync
+from lmforge.train.losses import LossFn, label_count
 from lmforge.train.schedule import lr_at
-from lmforge.utils.dist import DistInfo, all_reduce_mean, all_reduce_sum
+from lmforge.utils.dist import DistInfo, all_reduce_sum
 from lmforge.utils.logging import RunLogger
 
 Batch = tuple[Any, Tensor]
-LossFn = Callable[[nn.Module, Any, Tensor], Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[TrainState, dict[str, float]], None]
 
@@ -49,6 +49,12 @@ class Runtime:
     dist: DistInfo = field(default_factory=DistInfo)
     tp: int = 1
     """Tensor-parallel degree: the tp ranks of a group train on the same tokens."""
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: the groups of tp ranks that read different batches."""
+        return self.dist.world_size // self.tp
+
     scaler: torch.amp.GradScaler | None = None
     flops_per_token: float | None = None
     """Training FLOPs per token (6N + attention) of the model, for MFU."""
@@ -56,37 +62,6 @@ class Runtime:
     """Peak dense FLOP/s of one device at the training precision; None = MFU not reported."""
     profiler: torch.profiler.profile | None = None
     """Advanced once per optimizer step when profiling (its schedule picks the steps)."""
-
-
-def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Next-token cross-entropy; targets equal to -100 carry no loss (masked prompt tokens)."""
-
-    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        logits = model(x)  # (B, T, V)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-            label_smoothing=label_smoothing,
-        )
-
-    return loss_fn
-
-
-def packed_lm_loss(label_smoothing: float = 0.0) -> LossFn:
-    """``causal_lm_loss`` over packed rows: x is (ids, segments), examples kept apart.
-
-    The model gets the segments (``Decoder.forward``): block-diagonal attention and positions
-    restarting per example, so a packed example's loss equals its loss alone.
-    """
-
-    def loss_fn(model: nn.Module, x: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
-        ids, segments = x
-        logits = model(ids, segments=segments)  # (B, T, V)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-            label_smoothing=label_smoothing,
-        )
-
-    return loss_fn
 
 
 def _to(x: Any, device: str) -> Any:
@@ -132,22 +107,26 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-        # 2. micro-steps: forward and backward; gradients are synchronized across ranks only on
-        #    the last one, and the loss is scaled so they average over micro-steps
+        # 2. micro-steps. The step's batches are drawn first, so the summed loss can be divided
+        #    by the labelled tokens of the whole step on every rank (one small all-reduce): each
+        #    token weighs the same however the step is split into micro-batches and ranks.
+        #    Gradients are synchronized across ranks only on the last micro-step.
         model.train()
+        micro_batches = [(_to(x, device), _to(y, device))
+                         for x, y in (next(batches) for _ in range(cfg.grad_accum))]
+        local = torch.stack([label_count(y) for _, y in micro_batches]).sum()
+        count = all_reduce_sum(local, rt.dist) // rt.tp  # the tp ranks of a group share data
+        # DDP and FSDP average gradients over the data-parallel ranks: multiply that back
+        scale = rt.dp_size / count.clamp(min=1).double()
         loss_sum = torch.zeros((), device=device)
-        step_tokens = torch.zeros((), dtype=torch.long, device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = next(batches)
-            x, y = _to(x, device), _to(y, device)
+        for micro, (x, y) in enumerate(micro_batches):
             with grad_sync(model, micro == cfg.grad_accum - 1), autocast(cfg.precision, device):
-                loss = loss_fn(model, x, y)
-            scaled = loss / cfg.grad_accum
+                total, _ = loss_fn(model, x, y)
+            scaled = total * scale.to(total.dtype)
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
-            loss_sum += loss.detach()
-            step_tokens += (y != -100).sum()
-        loss_value = float(all_reduce_mean(loss_sum, rt.dist)) / cfg.grad_accum
-        tokens_all = int(all_reduce_sum(step_tokens, rt.dist)) // rt.tp
+            loss_sum += total.detach().float()
+        tokens_all = int(count)
+        loss_value = float(all_reduce_sum(loss_sum, rt.dist)) / rt.tp / max(tokens_all, 1)
 
         # 3. clip, step, zero — or skip a step whose loss or gradients are not finite
         if rt.scaler:
