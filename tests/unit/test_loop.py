@@ -11,8 +11,8 @@ from torch import nn
 
 from lmforge.checkpoint import TrainState
 from lmforge.config import OptimConfig, TrainConfig
-from lmforge.train.losses import causal_lm_loss
 from lmforge.train.loop import LoopHooks, Runtime, TrainingDiverged, train
+from lmforge.train.losses import causal_lm_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.logging import RunLogger
 

@@ -62,8 +62,8 @@ from lmforge.models.lora import (
 )
 from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
 from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
-from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
 from lmforge.train.loop import LoopHooks, train
+from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics

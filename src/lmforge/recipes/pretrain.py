@@ -98,8 +98,8 @@ from lmforge.parallel import (
 )
 from lmforge.plan import TrainSettings
 from lmforge.recipes.common import LoadedModel, stream_text
-from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.loop import LoopHooks, Runtime, train
+from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
