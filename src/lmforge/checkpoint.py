@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -819,6 +820,81 @@ def load_sharded_checkpoint(
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED_OPTIMIZER)))
         loaded = _named_optimizer_state(ckpt, meta, tensors)
         set_optimizer_state_dict(model, optimizer, loaded)
+    if restore_rng:
+        _restore_rng(rng_tensors, rng_info)
+    extra = {k.removeprefix("extra."): t for k, t in rng_tensors.items() if k.startswith("extra.")}
+    return _train_state(meta), extra, meta.get("info", {})
+
+
+# --------------------------------------------------------------------------- streamed reading
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors of one safetensors file written by ``_save_tensors``, read one at a time.
+
+    Loading a base model or resuming under FSDP reads each tensor when it is needed, so no
+    process ever holds every tensor of the file at once. Aliases (tied weights) resolve to
+    their stored twin.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                self._keys = list(f.keys())
+                meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {path} ({e}); the checkpoint is damaged, pick "
+                            "another") from None
+        self._aliases: dict[str, str] = meta.get("aliases", {})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        stored = self._aliases.get(key, key)
+        if stored not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(stored)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._keys, *self._aliases])
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._aliases)
+
+
+def checkpoint_weights(path: Path) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's model tensors by name, read on demand (a single-file checkpoint) or
+    whole (a sharded one: its per-rank slices are joined first)."""
+    ckpt = _resolve(path)
+    meta = _check_meta(ckpt)
+    if is_sharded(meta):
+        return _load_weights(ckpt, meta)
+    return LazyTensors(ckpt / MODEL_FILE)
+
+
+def checkpoint_optimizer(path: Path) -> tuple[dict, Mapping[str, torch.Tensor]]:
+    """(a single-file checkpoint's optimizer state dict with tensors left as references,
+    the tensors read on demand); see ``resolve_ref``."""
+    ckpt = _resolve(path)
+    meta = _check_meta(ckpt)
+    if meta.get("optimizer") is None or is_sharded(meta):
+        raise UserError(f"checkpoint {ckpt} holds no single-file optimizer state to resume")
+    return meta["optimizer"], LazyTensors(ckpt / OPTIMIZER_FILE)
+
+
+def resolve_ref(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """A tensor for a tensor reference of ``checkpoint_optimizer``'s state, else the value."""
+    if isinstance(value, dict) and set(value) == {_TENSOR_REF}:
+        return tensors[value[_TENSOR_REF]]
+    return value
+
+
+def checkpoint_state(path: Path, restore_rng: bool = True) -> tuple[TrainState, dict[str, torch.Tensor], dict]:
+    """(train state, extra tensors, info) of a checkpoint, restoring the global RNGs — what
+    ``load_checkpoint`` returns, for callers that load the weights themselves."""
+    ckpt = _resolve(path)
+    meta = _check_meta(ckpt)
+    rng_tensors, rng_info = _load_tensors(ckpt / RNG_FILE)
     if restore_rng:
         _restore_rng(rng_tensors, rng_info)
     extra = {k.removeprefix("extra."): t for k, t in rng_tensors.items() if k.startswith("extra.")}

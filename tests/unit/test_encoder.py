@@ -253,8 +253,9 @@ def test_classifier_learns_a_separable_task_through_the_loop(one_thread: None) -
     train_cfg = TrainConfig(max_steps=60, batch_size=32, log_every=60, eval_every=60,
                             save_every=60)
 
-    def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(m(x), y)  # (B, num_labels) vs (B,)
+    def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # (B, num_labels) vs (B,): summed, with the row count, as train.losses' functions
+        return nn.functional.cross_entropy(m(x), y, reduction="sum"), torch.tensor(len(y))
 
     console = Console(file=io.StringIO())
     with RunLogger(None, train_cfg.max_steps, console) as log:

@@ -397,22 +397,32 @@ class Decoder(nn.Module):
         GPT-2's scaling so the residual stream's variance does not grow with depth.
         """
         self.init_buffers()
-        std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and self.cfg.tie_embeddings:
-                    continue  # the same tensor as tok_emb.weight: initialize it once
-                is_resid = name.endswith(("o_proj", "down_proj", "fc_out"))
-                nn.init.normal_(module.weight, 0.0, resid_std if is_resid else std, generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std, generator)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            self.init_module(name, module, generator)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module,
+                    generator: torch.Generator | None = None) -> None:
+        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``).
+
+        One module at a time, so the training setup can initialize a sharded model module by
+        module with the same generator stream (and the same values) as one process would.
+        """
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            if name == "lm_head" and self.cfg.tie_embeddings:
+                return  # the same tensor as tok_emb.weight: initialize it once
+            is_resid = name.endswith(("o_proj", "down_proj", "fc_out"))
+            resid_std = std / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, 0.0, resid_std if is_resid else std, generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std, generator)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default block_size)."""

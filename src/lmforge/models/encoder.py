@@ -336,22 +336,23 @@ class MaskedLMHead(nn.Module):
 
 
 @torch.no_grad()
-def _init_bert(model: nn.Module, std: float, generator: torch.Generator | None) -> None:
-    """BERT's init: normal(0, std) for linears and embeddings, zero biases, unit LayerNorms."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            if isinstance(model, EncoderForMaskedLM) and module is model.cls.predictions.decoder:
-                continue  # tied: the word embeddings and the output bias are initialized once
-            nn.init.normal_(module.weight, 0.0, std, generator)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std, generator)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
+def _init_bert(model: nn.Module, name: str, module: nn.Module, std: float,
+               generator: torch.Generator | None) -> None:
+    """BERT's init of one submodule's own parameters: normal(0, std) for linears and
+    embeddings, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        if isinstance(model, EncoderForMaskedLM) and name == "cls.predictions.decoder":
+            return  # tied: the word embeddings and the output bias are initialized once
+        nn.init.normal_(module.weight, 0.0, std, generator)
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
-        elif isinstance(module, PredictionHead):
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, std, generator)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, PredictionHead):
+        nn.init.zeros_(module.bias)
 
 
 class EncoderForMaskedLM(nn.Module):
@@ -383,7 +384,14 @@ class EncoderForMaskedLM(nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Initialize every parameter; the same generator seed gives the same model."""
-        _init_bert(self, self.cfg.init_std, generator)
+        for name, module in self.named_modules():
+            self.init_module(name, module, generator)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module,
+                    generator: torch.Generator | None = None) -> None:
+        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
+        _init_bert(self, name, module, self.cfg.init_std, generator)
 
     def forward(
         self,
@@ -413,7 +421,14 @@ class EncoderForClassification(nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Initialize every parameter; the same generator seed gives the same model."""
-        _init_bert(self, self.cfg.init_std, generator)
+        for name, module in self.named_modules():
+            self.init_module(name, module, generator)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module,
+                    generator: torch.Generator | None = None) -> None:
+        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
+        _init_bert(self, name, module, self.cfg.init_std, generator)
 
     def forward(
         self,

@@ -52,10 +52,9 @@ class LoRALinear(nn.Module):
         weight = _base_weight(base)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=weight.dtype,
                                                device=weight.device))
-        # B starts at zero, so the adapted model starts exactly equal to the base (the paper).
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=weight.dtype,
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, dtype=weight.dtype,
                                                device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft
+        init_lora(self)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -65,6 +64,14 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> Tensor:
         """The dense update scaling * B @ A, shaped like the base weight (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
+
+
+@torch.no_grad()
+def init_lora(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """A's init is nn.Linear's own (as peft); B starts at zero, so the adapted model starts
+    exactly equal to the base (the paper). Works on any module with lora_A / lora_B."""
+    nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5), generator=generator)
+    nn.init.zeros_(module.lora_B)
 
 
 def _base_weight(base: nn.Module) -> Tensor:

@@ -392,18 +392,24 @@ class Seq2Seq(nn.Module):
         unit LayerNorms. The tied output head is the embedding, initialized once.
         """
         self.init_buffers()
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and self.cfg.tie_embeddings:
-                    continue
-                nn.init.xavier_uniform_(module.weight, generator=generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, self.cfg.n_embd ** -0.5, generator)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
+        for name, module in self.named_modules():
+            self.init_module(name, module, generator)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module,
+                    generator: torch.Generator | None = None) -> None:
+        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
+        if isinstance(module, nn.Linear):
+            if name == "lm_head" and self.cfg.tie_embeddings:
+                return
+            nn.init.xavier_uniform_(module.weight, generator=generator)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.cfg.n_embd ** -0.5, generator)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> Seq2SeqCache:
         """An empty cache for ``batch`` target sequences of up to ``max_len`` (default block_size)."""

@@ -16,7 +16,6 @@ tokens with fixed masks. seq2seq: teacher-forced source -> target on a pairs fol
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -38,11 +37,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import (
     TrainState,
-    is_sharded,
     latest_checkpoint,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    read_meta,
     save_checkpoint,
     save_sharded_checkpoint,
 )
@@ -83,25 +78,19 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
 from lmforge.models.registry import Family, preset, preset_names
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from lmforge.parallel import (
-    apply_ac,
-    apply_compile,
-    apply_ddp,
-    apply_fsdp,
-    apply_tp,
-    check_tp,
-    gather_full_model,
-    grad_scaler,
-    has_dtensors,
-    import_full_state,
-    make_mesh,
-)
 from lmforge.plan import TrainSettings
 from lmforge.recipes.common import LoadedModel, stream_text
 from lmforge.train.loop import LoopHooks, Runtime, train
 from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report
-from lmforge.train.optim import build_optimizer
+from lmforge.train.setup import (
+    Setup,
+    data_ranks,
+    gather_full,
+    load_state,
+    resolve_strategy,
+    setup_training,
+)
 from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
 from lmforge.utils.io import atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
@@ -241,23 +230,23 @@ class Batches(Protocol):
 class Task:
     """Everything that differs between objectives; the rest of ``main`` is shared."""
 
-    model: nn.Module
+    build: Callable[[], nn.Module]  # the model (built on the meta device by train.setup)
+    params: int
     batches: Batches
     loss_fn: LossFn
     evaluate: Callable[[nn.Module], dict[str, float]]
     tokenizer: Tokenizer
     describe: str  # one line: architecture and data
     baseline: float | None  # unigram loss of the data (clm, mlm), drawn on the loss plot
-    report: Callable[[Console, dict[str, Any]], dict[str, Any]]  # end-of-run metrics + print
+    # end-of-run metrics + print, on rank 0 with the whole trained model
+    report: Callable[[Console, dict[str, Any], nn.Module], dict[str, Any]]
+    flops_per_token: float | None = None  # training FLOPs per token, for MFU
 
 
-def build_model(cls: Callable[[Any], nn.Module], mcfg: Any, gen: torch.Generator) -> nn.Module:
-    """Build on the meta device (no memory, no wasted init), then materialize and init once."""
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """The model's skeleton (shapes and counts, no memory)."""
     with torch.device("meta"):
-        model = cls(mcfg)
-    model.to_empty(device="cpu")
-    model.init_weights(gen)  # type: ignore[operator]
-    return model
+        return build()
 
 
 def _forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -306,14 +295,15 @@ def _check_data(ds: TokenDataset, window: int, cfg: Config) -> None:
 # --------------------------------------------------------------------------- clm
 
 
-def clm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+def clm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     """Next-token prediction with a decoder on a prepared token dataset."""
     ds = TokenDataset.open(cfg.data)
     mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
     cfg = dataclasses.replace(cfg, model=mcfg)
     seq_len = _seq_len(cfg, mcfg.block_size, 2)
     _check_data(ds, seq_len, cfg)
-    model = build_model(Decoder, mcfg, gen)
+    build = functools.partial(Decoder, mcfg)
+    model = on_meta(build)
     assert isinstance(model, Decoder)
     tc = cfg.train
     batches = RandomBatches(ds.split("train"), tc.batch_size, seq_len, tc.seed,
@@ -331,16 +321,16 @@ def clm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config,
     baseline = unigram_baseline(ds.split("train"), ds.split("val"), ds.vocab_size)
     tok = load_tokenizer(ds.tokenizer_path)
 
-    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
-        final = evaluate(model)
-        _clm_report(console, cfg, model, tok, ds, {**summary, **final}, baseline)
+    def report(console: Console, summary: dict[str, Any], trained: nn.Module) -> dict[str, Any]:
+        final = evaluate(trained)
+        _clm_report(console, cfg, trained, tok, ds, {**summary, **final}, baseline)
         return final
 
-    return cfg, Task(model, batches, causal_lm_loss(tc.label_smoothing), evaluate, tok,
-                     describe, baseline, report)
+    return cfg, Task(build, model.num_params(), batches, causal_lm_loss(tc.label_smoothing),
+                     evaluate, tok, describe, baseline, report, model.flops_per_token(seq_len))
 
 
-def _clm_report(console: Console, cfg: Config, model: Decoder, tok: Tokenizer,
+def _clm_report(console: Console, cfg: Config, model: nn.Module, tok: Tokenizer,
                 ds: TokenDataset, summary: dict[str, Any], baseline: float) -> None:
     loaded = LoadedModel(model.eval(), tok, Path(cfg.runs_dir) / cfg.run, Path(),
                          summary["steps"])
@@ -374,7 +364,7 @@ def _table(cfg: Config, summary: dict[str, Any], *columns: str) -> Table:
 # --------------------------------------------------------------------------- mlm
 
 
-def mlm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+def mlm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     """BERT masked-token prediction with an encoder on a prepared token dataset."""
     ds = TokenDataset.open(cfg.data)
     tok, _ = with_special_tokens(load_tokenizer(ds.tokenizer_path), MLM_SPECIAL_TOKENS)
@@ -384,7 +374,8 @@ def mlm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config,
     seq_len = _seq_len(cfg, mcfg.block_size, 3)
     window = seq_len - 2  # [CLS] window [SEP]
     _check_data(ds, window, cfg)
-    model = build_model(EncoderForMaskedLM, mcfg, gen)
+    build = functools.partial(EncoderForMaskedLM, mcfg)
+    model = on_meta(build)
     assert isinstance(model, EncoderForMaskedLM)
     tc = cfg.train
     masker = Masker(cfg.mlm, vocab)
@@ -404,22 +395,22 @@ def mlm_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config,
                 f"tokens (train split: {ds.num_tokens('train') / 1e6:.2f}M)")
     baseline = unigram_baseline(ds.split("train"), ds.split("val"), ds.vocab_size)
 
-    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
-        final = evaluate(model)
+    def report(console: Console, summary: dict[str, Any], trained: nn.Module) -> dict[str, Any]:
+        final = evaluate(trained)
         t = _table(cfg, {**summary, **final}, "masked-token loss", "accuracy")
         t.add_row("model", f"{final['val_loss']:.4f}", f"{final['val_accuracy']:.1%}")
         t.add_row("unigram baseline", f"{baseline:.4f}", "")
         console.print(t)
         return final
 
-    return cfg, Task(model, batches, token_loss(tc.label_smoothing), evaluate, tok, describe,
-                     baseline, report)
+    return cfg, Task(build, model.num_params(), batches, token_loss(tc.label_smoothing),
+                     evaluate, tok, describe, baseline, report)
 
 
 # --------------------------------------------------------------------------- seq2seq
 
 
-def seq2seq_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+def seq2seq_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     """Teacher-forced source -> target training of an encoder-decoder on a pairs folder."""
     if cfg.train.seq_len is not None:
         raise ConfigError("train.seq_len: not used by --objective seq2seq (pairs are padded per "
@@ -434,7 +425,8 @@ def seq2seq_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Con
     if not val_items:
         raise UserError(f"{val_path}: every pair is longer than block_size "
                         f"{mcfg.block_size}; raise --seq2seq.block_size")
-    model = build_model(Seq2Seq, mcfg, gen)
+    build = functools.partial(Seq2Seq, mcfg)
+    model = on_meta(build)
     assert isinstance(model, Seq2Seq)
     tc = cfg.train
     batches = PairBatches(train_items, tc.batch_size, ids, tc.seed)
@@ -449,9 +441,9 @@ def seq2seq_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Con
                 f"{len(val_items):,} val pairs ({dropped + val_dropped} longer than block_size "
                 f"{mcfg.block_size} dropped); {tc.max_steps} steps x {tc.batch_size} pairs")
 
-    def report(console: Console, summary: dict[str, Any]) -> dict[str, Any]:
-        final = token_metrics(model, pair_eval_batches(val_items, tc.batch_size, ids))
-        final["val_exact_match"] = exact_match(model, val_items, ids, tc.batch_size, console,
+    def report(console: Console, summary: dict[str, Any], trained: nn.Module) -> dict[str, Any]:
+        final = token_metrics(trained, pair_eval_batches(val_items, tc.batch_size, ids))
+        final["val_exact_match"] = exact_match(trained, val_items, ids, tc.batch_size, console,
                                                tok)
         t = _table(cfg, {**summary, **final}, "val loss", "token accuracy",
                    "greedy exact match")
@@ -460,8 +452,8 @@ def seq2seq_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Con
         console.print(t)
         return final
 
-    return cfg, Task(model, batches, token_loss(tc.label_smoothing), evaluate, tok, describe,
-                     None, report)
+    return cfg, Task(build, model.num_params(), batches, token_loss(tc.label_smoothing),
+                     evaluate, tok, describe, None, report)
 
 
 def _first_tokens(items: list[tuple[list[int], list[int]]],
@@ -526,98 +518,23 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def _build_task(cfg: Config, gen: torch.Generator, info: DistInfo) -> tuple[Config, Task]:
+def _build_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     if info.distributed and cfg.objective == "seq2seq":
         raise UserError("--objective seq2seq does not split its pairs by rank yet; "
                         "train it in one process (without torchrun)")
     builder = {"clm": clm_task, "mlm": mlm_task, "seq2seq": seq2seq_task}[cfg.objective]
-    return builder(cfg, gen, info)
+    return builder(cfg, info)
 
 
 # --------------------------------------------------------------------------- main
 
 
-def _strategy(cfg: Config, info: DistInfo) -> str:
-    """none | ddp | fsdp | tp (tensor parallel alone) | fsdp+tp (the 2-D mesh)."""
-    strategy, tp = cfg.dist.strategy, cfg.dist.tp
-    if tp > 1:
-        if not info.launched:
-            raise UserError(f"--dist.tp {tp} needs torchrun: torchrun --nproc_per_node "
-                            f"{tp} -m lmforge.cli -- pretrain ...")
-        if cfg.objective != "clm":
-            raise UserError("--dist.tp: tensor parallelism is for decoders (--objective clm)")
-        if info.world_size % tp:
-            raise UserError(f"--dist.tp {tp} does not divide the {info.world_size} processes")
-        check_tp(cfg.model, tp)  # before anything is written
-        if strategy in ("ddp", "none"):
-            raise UserError(f"--dist.tp does not compose with --dist.strategy {strategy}; "
-                            f"use --dist.strategy fsdp (or auto) for the data-parallel ranks")
-        return "tp" if info.world_size == tp else "fsdp+tp"
-    if strategy == "auto":
-        return "ddp" if info.distributed else "none"
-    if strategy in ("ddp", "fsdp") and not info.launched:
-        raise UserError(f"--dist.strategy {strategy} needs torchrun: "
-                        "torchrun --nproc_per_node N -m lmforge.cli pretrain ...")
-    return strategy
-
-
-def _data_ranks(info: DistInfo, tp: int) -> DistInfo:
-    """The data-parallel view of the job: the tp ranks of one TP group read the same batches."""
-    if tp == 1:
-        return info
-    return dataclasses.replace(info, rank=info.rank // tp, world_size=info.world_size // tp)
-
-
-@dataclass
-class Trainer:
-    """The model the loop trains (maybe wrapped or sharded), its optimizer, and the plain
-    single-process twin that the final report samples from (the same objects unless FSDP)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    plain: nn.Module
-    plain_optimizer: torch.optim.Optimizer
-
-
-def _setup(cfg: Config, task: Task, info: DistInfo, strategy: str) -> Trainer:
-    """Apply AC, compile and DDP/FSDP to the model, in the order parallel.py documents."""
-    plain = task.model.to(info.device)
-    plain_opt = build_optimizer(plain, cfg.optim)
-    # AC and compile change forward in place; under FSDP the trained copy is sharded, so the
-    # plain twin stays a whole, ordinary module for the final report (and for resuming from a
-    # single-file checkpoint). It costs one unsharded copy of the weights per rank.
-    sharded = strategy in ("fsdp", "tp", "fsdp+tp")
-    model = copy.deepcopy(plain) if sharded else plain
-    mesh = make_mesh(info.device, info.world_size, cfg.dist.tp) if "tp" in strategy else None
-    if mesh is not None:
-        apply_tp(model, mesh["tp"])
-    if cfg.train.activation_checkpointing:
-        apply_ac(model)
-    if cfg.train.compile:
-        apply_compile(model)
-    if strategy in ("fsdp", "fsdp+tp"):
-        apply_fsdp(model, cfg.train.precision, cfg.dist.reshard_after_forward,
-                   cfg.dist.cpu_offload, mesh=mesh["dp"] if mesh is not None else None)
-    if sharded:
-        return Trainer(model, build_optimizer(model, cfg.optim), plain, plain_opt)
-    if strategy == "ddp":
-        model = apply_ddp(model, info.device)
-    return Trainer(model, plain_opt, plain, plain_opt)
-
-
-def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
+def _resume(cfg: Config, setup: Setup, batches: Batches, run_dir: Path,
             console: Console, info: DistInfo) -> TrainState:
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is None:
         return TrainState()
-    if has_dtensors(tr.model) and is_sharded(read_meta(ckpt)):
-        # every rank reads just its slices, whatever world size wrote them
-        state, extra, _ = load_sharded_checkpoint(ckpt, tr.model, tr.optimizer)
-    else:
-        # every rank reads the whole checkpoint (either layout) into its plain model
-        state, extra, _ = load_checkpoint(ckpt, tr.plain, tr.plain_optimizer)
-        if has_dtensors(tr.model):
-            import_full_state(tr.model, tr.optimizer, tr.plain, tr.plain_optimizer)
+    state, extra, _ = load_state(setup, ckpt)
     batches.load_state_dict({k.removeprefix("loader."): v for k, v in extra.items()
                              if k.startswith("loader.")})
     if info.is_main:  # the steps after the checkpoint will be logged again
@@ -626,19 +543,19 @@ def _resume(cfg: Config, tr: Trainer, batches: Batches, run_dir: Path,
     return state
 
 
-def _save(cfg: Config, task: Task, tr: Trainer, info: DistInfo, run_dir: Path,
-          st: TrainState, metrics: dict[str, float]) -> None:
+def _save(cfg: Config, task: Task, setup: Setup, run_dir: Path, st: TrainState,
+          metrics: dict[str, float]) -> None:
     """The loop's save hook: a checkpoint (sharded under FSDP / TP) and the loss plot."""
     extra = {f"loader.{k}": v for k, v in task.batches.state_dict().items()}
     meta = {"metrics": metrics, "preset": cfg.preset, "objective": cfg.objective}
     best = metrics.get("val_loss") is not None and metrics["val_loss"] == st.best_val_loss
-    if has_dtensors(tr.model):  # collective: each rank writes its own shard
-        save_sharded_checkpoint(run_dir, st, tr.model, tr.optimizer, extra, meta,
+    if setup.sharded:  # collective: each rank writes its own shard
+        save_sharded_checkpoint(run_dir, st, setup.module, setup.optimizer, extra, meta,
                                 cfg.train.keep_last, is_best=best)
-    elif info.is_main:
-        save_checkpoint(run_dir, st, tr.plain, tr.plain_optimizer, extra, meta,
+    elif setup.info.is_main:
+        save_checkpoint(run_dir, st, setup.module, setup.optimizer, extra, meta,
                         cfg.train.keep_last, is_best=best)
-    if info.is_main:
+    if setup.info.is_main:
         plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                         title=f"{cfg.run} ({cfg.preset}, {cfg.objective})",
                         baseline=task.baseline)
@@ -655,34 +572,30 @@ def main(cfg: Config) -> int:
 
 def _main(cfg: Config, info: DistInfo) -> int:
     console = Console(quiet=not info.is_main)
-    strategy = _strategy(cfg, info)
+    strategy = resolve_strategy(cfg.dist, info, "pretrain",
+                                cfg.model if cfg.objective == "clm" else None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     gen = seed_everything(cfg.train.seed)
-    # reads and checks the data, builds the model; batches are split over data-parallel ranks
-    cfg, task = _build_task(cfg, gen, _data_ranks(info, cfg.dist.tp))
+    # reads and checks the data; batches are split over data-parallel ranks
+    cfg, task = _build_task(cfg, data_ranks(info, cfg.dist.tp))
     run_dir = Path(cfg.runs_dir) / cfg.run
     if info.is_main:
         check_trackers(cfg.train.trackers)
         _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(info)
-    tr = _setup(cfg, task, info, strategy)
-    batches = task.batches
-    state = _resume(cfg, tr, batches, run_dir, console, info)
+    setup = setup_training(task.build, info=info, strategy=strategy, train_cfg=cfg.train,
+                           dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen)
+    state = _resume(cfg, setup, task.batches, run_dir, console, info)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml",
                           yaml.safe_dump(saved_config(cfg), sort_keys=False))
         atomic_write_text(run_dir / "tokenizer.json", task.tokenizer.to_str())
     console.print(f"[bold]{cfg.run}[/]: {task.describe}"
                   + (f"; {strategy} over {info.world_size} processes" if info.distributed else ""))
-
-    save = functools.partial(_save, cfg, task, tr, info, run_dir)
-    flops = getattr(task.model, "flops_per_token", None)
-    seq_len = cfg.train.seq_len or cfg.model_cfg.block_size
-    rt = Runtime(dist=info, tp=cfg.dist.tp,
-                 scaler=grad_scaler(cfg.train.precision, info.device),
-                 flops_per_token=flops(seq_len) if flops else None,
+    rt = Runtime(dist=info, tp=cfg.dist.tp, scaler=setup.scaler,
+                 flops_per_token=task.flops_per_token,
                  peak_flops=cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else None)
     t0 = time.time()
     start_tokens = state.tokens
@@ -693,8 +606,10 @@ def _main(cfg: Config, info: DistInfo) -> int:
         with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
                        start_step=state.step, enabled=info.is_main, trackers=trackers) as log, \
                 rt.profiler or contextlib.nullcontext():
-            state = train(tr.model, tr.optimizer, batches, task.loss_fn, cfg.train, cfg.optim,
-                          state, log, LoopHooks(task.evaluate, save), rt)
+            state = train(setup.model, setup.optimizer, task.batches, task.loss_fn, cfg.train,
+                          cfg.optim, state, log,
+                          LoopHooks(task.evaluate,
+                                    functools.partial(_save, cfg, task, setup, run_dir)), rt)
         if rt.profiler is not None:
             _profile_report(run_dir, console)
     except torch.OutOfMemoryError:
@@ -705,30 +620,29 @@ def _main(cfg: Config, info: DistInfo) -> int:
         where = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved yet"
         raise UserError(f"interrupted; {where}; continue with the same command and --resume") from None
     elapsed = time.time() - t0
-    if has_dtensors(tr.model):
-        gather_full_model(tr.model, tr.plain)  # collective; the report runs on rank 0
-    if info.is_main:
-        _summarize(cfg, task, state, state.tokens - start_tokens, elapsed, run_dir, console)
+    trained = gather_full(setup, task.build)  # collective; the whole model on rank 0 only
+    if trained is not None:
+        _summarize(cfg, task, trained, state, state.tokens - start_tokens, elapsed, run_dir,
+                   console)
     return 0
 
 
-def _summarize(cfg: Config, task: Task, state: TrainState, new_tokens: int, elapsed: float,
-               run_dir: Path, console: Console) -> None:
-    """The final report (samples, tables) and summary.json; rank 0, on the plain model."""
+def _summarize(cfg: Config, task: Task, trained: nn.Module, state: TrainState,
+               new_tokens: int, elapsed: float, run_dir: Path, console: Console) -> None:
+    """The final report (samples, tables) and summary.json; rank 0, on the whole model."""
     # tokens = labelled (predicted) tokens: every token for clm, the masked ones for mlm,
     # target tokens + EOS for seq2seq.
     summary: dict[str, Any] = {
         "run": cfg.run, "objective": cfg.objective, "preset": cfg.preset,
-        "params": sum(p.numel() for p in task.model.parameters()), "steps": state.step,
+        "params": task.params, "steps": state.step,
         "tokens": state.tokens, "seconds": round(elapsed, 1),
         "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1)}
-    summary.update(task.report(console, summary))
+    summary.update(task.report(console, summary, trained))
     if task.baseline is not None:
         summary["unigram_baseline_loss"] = task.baseline
     atomic_write_json(run_dir / "summary.json", summary)
     keys = ("val_loss", "val_accuracy", "val_exact_match", "unigram_baseline_loss")
     console.print(json.dumps({k: summary[k] for k in keys if k in summary}))
-
 
 
 def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
@@ -740,7 +654,8 @@ def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
                              precision=cfg.train.precision,
                              activation_checkpointing=cfg.train.activation_checkpointing,
                              gpus=info.world_size, tp=cfg.dist.tp,
-                             strategy="ddp" if _strategy(cfg, info) in ("ddp", "tp") else "fsdp")
+                             strategy="fsdp" if cfg.dist.strategy == "fsdp" or info.world_size > cfg.dist.tp > 1
+                             else "ddp")
     total = torch.cuda.get_device_properties(info.device).total_memory
     for line in oom_report(cfg.model, settings, total):
         console.print(line, markup=False)
