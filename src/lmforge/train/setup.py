@@ -188,7 +188,7 @@ def fill(model: nn.Module, generator: torch.Generator, weights: Weights | None =
     the model's rule (``init_module``; LoRA adapters by ``init_lora``) in module order, drawing
     from ``generator`` exactly as ``init_weights`` does on one process.
     """
-    loaded: set[int] = set()
+    loaded: set[int] = set()  # parameters given their value (tied ones count once)
     names: list[str] = []
     if weights is not None:
         for name, p in model.named_parameters():
@@ -206,6 +206,7 @@ def fill(model: nn.Module, generator: torch.Generator, weights: Weights | None =
             raise UserError(f"{name}: only some of its weights are in the checkpoint "
                             f"({', '.join(own)}); is it the right base model?")
         _init_module(module, name, generator, rule)
+        loaded.update(id(p) for p in own.values())
     return names
 
 
@@ -222,9 +223,10 @@ def _init_module(module: nn.Module, name: str, generator: torch.Generator,
     if sharded:
         target = copy.copy(module)  # same class and settings, for the rule's isinstance checks
         object.__setattr__(target, "_modules", {})
-        object.__setattr__(target, "_parameters", {
-            k: nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
-            for k, p in own.items()})
+        object.__setattr__(target, "_parameters", {  # None stays None (a Linear's bias)
+            k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                   requires_grad=False)
+            for k, p in module._parameters.items()})
     if isinstance(module, LoRALinear):
         init_lora(target, generator)
     elif rule is not None:
