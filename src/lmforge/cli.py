@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import Any
@@ -62,14 +63,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _format_default(value: Any) -> str:
+def format_default(value: Any) -> str:
+    """A default as ``--help`` shows it: as typed on the command line, on one line."""
     if value is dataclasses.MISSING:
         return "required"
     if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) if value else "[]"
+        return ",".join(map(_one_line, value)) if value else "[]"
     if value is None:
         return "null"
-    return str(value)
+    return _one_line(value)
+
+
+def _one_line(value: Any) -> str:
+    # A default holding a newline ("ROMEO.\n") would otherwise break the help line in two.
+    text = str(value)
+    return text if text.isprintable() else repr(text)
 
 
 def command_help(name: str, module: ModuleType) -> str:
@@ -84,7 +92,7 @@ def command_help(name: str, module: ModuleType) -> str:
     note = getattr(module, "DEFAULTS_NOTE", {})
     for opt, tp, default, help_text in iter_fields(module.Config):
         section = opt.split(".")[0] if "." in opt else ""
-        shown = note.get(section) or _format_default(default)
+        shown = note.get(section) or format_default(default)
         lines.append(f"  --{opt} ({type_name(tp)}, default: {shown})")
         if help_text:
             lines.append(f"      {help_text}")
@@ -155,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         code = run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the try, not at exit
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -162,6 +173,15 @@ def main(argv: list[str] | None = None) -> None:
         print("lmforge: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)
+
+
+def _quiet_broken_pipe() -> None:
+    """End like other Unix tools when the reader went away (``lmforge ... --help | head -1``):
+    no traceback, exit 141 (128 + SIGPIPE)."""
+    # Python flushes stdout once more at exit; point it at devnull so that flush cannot fail.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -40,6 +41,10 @@ class ConfigError(UserError):
 
 
 T = TypeVar("T")
+
+ALLOW_NONFINITE = "allow_nonfinite"
+"""Field metadata key: ``field(default=..., metadata={ALLOW_NONFINITE: True})`` lets a float
+option take nan/inf; every other float option refuses them (a nan lr only fails deep in torch)."""
 
 
 # --------------------------------------------------------------------------- field docs
@@ -106,8 +111,11 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError."""
+def coerce(value: Any, tp: Any, where: str, finite: bool = True) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError.
+
+    Floats must be finite unless ``finite`` is false (see ``ALLOW_NONFINITE``).
+    """
     optional, inner = _is_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in {"null", "none"}):
         if optional:
@@ -126,7 +134,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             value = [v for v in (p.strip() for p in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: must be a list, got {value!r}")
-        items = [coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, elem, f"{where}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if inner is bool:
         if isinstance(value, bool):
@@ -148,19 +156,29 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where}: must be an integer, got {value!r}")
     if inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: must be a number, got {value!r}")
+        number = _float(value)
+        if number is None:
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if inner is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: must be a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported value {value!r}")
+
+
+def _float(value: Any) -> float | None:
+    """``value`` as a float (a number or a numeric string), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _is_integral_str(s: str) -> bool:
@@ -202,16 +220,53 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             # recipe's OptimConfig(lr=2e-4, warmup_steps=10)), not the section class's defaults.
             base = _section_default(fields[key], inner)  # type: ignore[arg-type]
             if isinstance(value, dict) and base:
-                value = merge(base, value)
+                # the user's layers were checked by build; the default is one more layer
+                value = overlay(inner, base, value, path, strict=False)  # type: ignore[arg-type]
             kwargs[key] = from_dict(inner, value, path)  # type: ignore[arg-type]
         else:
-            kwargs[key] = coerce(value, tp, path)
+            kwargs[key] = coerce(value, tp, path, finite=_finite(fields[key]))
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a __post_init__ check written with ValueError
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _finite(f: dataclasses.Field) -> bool:
+    """Whether a float field refuses nan/inf (all do, unless marked ``ALLOW_NONFINITE``)."""
+    return not f.metadata.get(ALLOW_NONFINITE, False)
+
+
+def overlay(cls: type, lower: dict[str, Any], upper: dict[str, Any], where: str = "",
+            strict: bool = True) -> dict[str, Any]:
+    """``merge(lower, upper)`` for a config of ``cls``, minding each section's ALTERNATIVES.
+
+    A section may name pairs of options that say one thing two ways (``train.epochs`` instead of
+    ``train.max_steps``). Giving both in one layer (one YAML file, one command line) is an error;
+    giving one in a later layer sets the other's alternative back to null, so the later layer
+    wins as it does for any other option. ``strict=False`` skips the both-set check, for an
+    ``upper`` that already merges several layers.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(upper, dict):
+        return merge(lower, upper) if isinstance(upper, dict) else upper
+    out = dict(lower)
+    prefix = f"{where}." if where else ""
+    for alt, replaced in getattr(cls, "ALTERNATIVES", {}).items():
+        if strict and upper.get(alt) is not None and upper.get(replaced) is not None:
+            raise ConfigError(f"{prefix}{replaced} and {prefix}{alt} are both set; give one of "
+                              f"them ({alt} replaces {replaced})")
+        if replaced in upper and alt not in upper:
+            out[alt] = None
+    hints = _resolved_hints(cls)
+    for key, value in upper.items():
+        _, inner = _is_optional(hints.get(key))
+        if isinstance(value, dict):
+            below = out.get(key) if isinstance(out.get(key), dict) else {}
+            out[key] = overlay(inner, below, value, prefix + key, strict)
+        else:
+            out[key] = value
+    return out
 
 
 def _section_default(f: dataclasses.Field, cls: type) -> dict[str, Any]:
@@ -274,8 +329,18 @@ def save_yaml(cfg: Any) -> str:
 
 
 def iter_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
-    """Flatten a config tree: (dotted name, type, default, doc) for every leaf field."""
-    out: list[tuple[str, Any, Any, str]] = []
+    """Flatten a config tree: (dotted name, type, default, doc) for every leaf field.
+
+    The default is the one a config built with no options really has: a section declared as
+    ``field(default_factory=lambda: OptimConfig(lr=2e-4))`` shows lr 2e-4, not the class's own.
+    """
+    return [(name, tp, default, doc) for name, tp, default, doc, _ in _leaves(cls, prefix)]
+
+
+def _leaves(cls: type, prefix: str = "",
+            instance: Any = None) -> list[tuple[str, Any, Any, str, dataclasses.Field]]:
+    """(dotted name, type, default, doc, field) per leaf; defaults read from ``instance`` if given."""
+    out: list[tuple[str, Any, Any, str, dataclasses.Field]] = []
     hints = _resolved_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -283,18 +348,25 @@ def iter_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
             continue
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
+        default = _field_default(f) if instance is None else getattr(instance, f.name)
         _, inner = _is_optional(tp)
         if dataclasses.is_dataclass(inner):
-            out.extend(iter_fields(inner, name + "."))  # type: ignore[arg-type]
+            # the section's own default instance (a recipe's preset values), when it has one
+            sub = (default if dataclasses.is_dataclass(default)
+                   and not isinstance(default, type) else None)
+            out.extend(_leaves(inner, name + ".", sub))  # type: ignore[arg-type]
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        out.append((name, tp, default, docs.get(f.name, "")))
+        out.append((name, tp, default, docs.get(f.name, ""), f))
     return out
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), or MISSING when it is required."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -319,7 +391,8 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
     A boolean option given with no value means true (``--compile``); ``--no-compile``... is not
     supported on purpose: write ``--compile false``.
     """
-    fields = {name: tp for name, tp, *_ in iter_fields(cls)}
+    leaves = {name: (tp, f) for name, tp, _, _, f in _leaves(cls)}
+    fields = {name: tp for name, (tp, _) in leaves.items()}
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -340,7 +413,8 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
             else:
                 value = nxt
                 i += 1
-        set_dotted(out, name, coerce(value, fields[name], f"--{name}"))
+        value = coerce(value, fields[name], f"--{name}", finite=_finite(leaves[name][1]))
+        set_dotted(out, name, value)
         i += 1
     return out
 
@@ -371,14 +445,14 @@ def build(
             if a == "--config":
                 if i + 1 >= len(args):
                     raise ConfigError("--config: missing the YAML file path")
-                data = merge(data, load_yaml(args[i + 1]))
+                data = overlay(cls, data, load_yaml(args[i + 1]))
                 del args[i : i + 2]
                 break
             if a.startswith("--config="):
-                data = merge(data, load_yaml(a.split("=", 1)[1]))
+                data = overlay(cls, data, load_yaml(a.split("=", 1)[1]))
                 del args[i]
                 break
-    data = merge(data, parse_overrides(cls, args))
+    data = overlay(cls, data, parse_overrides(cls, args))
     if resolve is not None:
         data = resolve(data)
     return from_dict(cls, data)
@@ -406,7 +480,14 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup from 0 to lr over this many optimizer steps. Not used when
+    optim.warmup_ratio is set (giving both is an error)."""
+    warmup_ratio: float | None = None
+    """Warm up over this share of the run's optimizer steps instead (in [0, 1), rounded up to
+    whole steps; e.g. 0.1 of 95 steps = 10); null = use warmup_steps. The run's config.yaml
+    records the resolved warmup_steps."""
+
+    ALTERNATIVES: ClassVar[dict[str, str]] = {"warmup_ratio": "warmup_steps"}
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -418,6 +499,9 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0 or self.eps <= 0:
             raise ConfigError("optim.weight_decay, grad_clip and warmup_steps must be >= 0, eps > 0")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1) or null, got "
+                              f"{self.warmup_ratio}")
 
 
 @dataclasses.dataclass
@@ -426,7 +510,12 @@ class TrainConfig:
 
     max_steps: int = 1200
     """Number of optimizer steps; the cosine schedule ends here. The default (1200 x 16 x 256
-    = 4.9M tokens, ~3 epochs of Shakespeare) takes about 7 minutes for llama-1m on 2 CPU cores."""
+    = 4.9M tokens, ~3 epochs of Shakespeare) takes about 7 minutes for llama-1m on 2 CPU cores.
+    Not used when train.epochs is set (giving both is an error)."""
+    epochs: float | None = None
+    """Train for this many passes over the train split instead of max_steps (0.5 = half of it);
+    null = use max_steps. Steps = epochs x train examples (pretrain: tokens) / what one optimizer
+    step takes, rounded up. The run's config.yaml records the resolved max_steps."""
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum: int = 1
@@ -472,7 +561,11 @@ class TrainConfig:
     """Experiment trackers: tensorboard (event files in the run folder), wandb, mlflow; [] = only
     metrics.jsonl."""
 
+    ALTERNATIVES: ClassVar[dict[str, str]] = {"epochs": "max_steps"}
+
     def __post_init__(self) -> None:
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"train.epochs must be > 0 or null, got {self.epochs}")
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
                      "eval_tokens", "save_every", "keep_last"):
             if getattr(self, name) < 1:

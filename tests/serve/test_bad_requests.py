@@ -141,6 +141,31 @@ def test_malformed_requests_get_4xx_error_bodies_and_the_server_survives(
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+# An unpaired surrogate is valid JSON ("\\udcff") but no Unicode text: no tokenizer takes it.
+SURROGATE_CASES = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\udcff", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "\\ud800"]}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "stop": ["\\udcff"]}', "stop"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "user": "\\udfff"}', "user"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", '
+     b'"content": "hi \\udcff"}], "max_tokens": 2}', "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", '
+     b'"content": [{"type": "text", "text": "\\udcff"}]}]}', "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", '
+     b'"\\udcff": "x"}]}', "messages"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "\\udcff": 1}', None),
+]
+
+
+@pytest.mark.parametrize(("path", "content", "param"), SURROGATE_CASES)
+def test_text_no_tokenizer_takes_is_a_400_naming_the_field(
+        http: httpx.Client, path: str, content: bytes, param: str | None) -> None:
+    r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert_error(r, 400, param, "invalid_value")
+    assert "Unicode" in r.json()["error"]["message"]
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
 def test_context_errors_say_how_much_fits(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json=with_(GOOD, max_tokens=300))
     assert_error(r, 400, "max_tokens", "context_length_exceeded")
@@ -154,7 +179,8 @@ def test_rate_limit_is_per_key(server: Server) -> None:
         assert codes == [400] * LIMIT  # counted, though refused for their body
         r = c.post("/v1/completions", json=GOOD)
         assert_error(r, 429, code="rate_limit_exceeded")
-        assert int(r.headers["retry-after"]) >= 1
+        wait = int(r.headers["retry-after"])
+        assert wait >= 1 and f"retry in {wait} s" in r.json()["error"]["message"]
     other = httpx.post(server.base + "/v1/completions", json=GOOD,
                        headers={"Authorization": f"Bearer {KEYS[2]}"}, timeout=60)
     assert other.status_code == 200

@@ -8,12 +8,14 @@ from typing import Literal
 import pytest
 
 from lmforge.config import (
+    ALLOW_NONFINITE,
     ConfigError,
     OptimConfig,
     TrainConfig,
     build,
     field_docs,
     from_dict,
+    iter_fields,
     load_yaml,
     save_yaml,
 )
@@ -121,3 +123,69 @@ def test_a_partial_section_keeps_the_fields_own_defaults():
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-3, 10, 0.0)
     assert build(Recipe, []).optim == OptimConfig(lr=2e-4, warmup_steps=10, weight_decay=0.0)
     assert build(Recipe, ["--inner.width", "8"]).inner == Inner(width=8)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_non_finite_floats_are_refused_naming_the_field(value: str, tmp_path):
+    with pytest.raises(ConfigError, match="--optim.lr: must be a finite number"):
+        build(Recipe, ["--optim.lr", value])
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  grad_clip: .nan\n")
+    with pytest.raises(ConfigError, match="optim.grad_clip: must be a finite number"):
+        build(Recipe, ["--config", str(y)])
+
+
+@dataclass
+class Bounds:
+    limit: float = field(default=float("inf"), metadata={ALLOW_NONFINITE: True})
+    """A float that may be infinite, on purpose."""
+
+
+def test_a_field_may_allow_non_finite_floats():
+    assert build(Bounds, ["--limit", "-inf"]).limit == float("-inf")
+    assert from_dict(Bounds, {"limit": float("inf")}).limit == float("inf")
+
+
+def test_help_defaults_are_the_sections_own_defaults():
+    shown = {name: default for name, _, default, _ in iter_fields(Recipe)}
+    assert (shown["optim.lr"], shown["optim.warmup_steps"], shown["optim.weight_decay"]) == (
+        2e-4, 10, 0.0)
+    assert shown["inner.width"] == 32  # no default instance: the class's own
+
+
+@dataclass
+class Run:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+    """Loop."""
+
+
+@pytest.mark.parametrize("argv", [
+    ["--train.epochs", "2", "--train.max_steps", "10"],
+    ["--optim.warmup_ratio", "0.1", "--optim.warmup_steps", "5"],
+])
+def test_both_options_of_a_pair_in_one_place_is_one_error(argv: list[str], tmp_path):
+    with pytest.raises(ConfigError, match="are both set; give one of them") as info:
+        build(Run, argv)
+    assert "\n" not in str(info.value)
+    y = tmp_path / "both.yaml"
+    y.write_text("train:\n  epochs: 1\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="train.max_steps and train.epochs"):
+        build(Run, ["--config", str(y)])
+
+
+def test_a_later_layer_replaces_the_other_option_of_a_pair(tmp_path):
+    saved = tmp_path / "saved.yaml"  # as a run saves it: resolved max_steps, epochs null
+    saved.write_text(save_yaml(Run()))
+    assert build(Run, ["--config", str(saved), "--train.epochs", "2"]).train.epochs == 2
+    epochs = tmp_path / "epochs.yaml"
+    epochs.write_text("train:\n  epochs: 2\n")
+    cfg = build(Run, ["--config", str(epochs), "--train.max_steps", "7"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (None, 7)
+    cfg = build(Run, ["--train.epochs", "0.5"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (0.5, 100)  # max_steps unused, not lost
+    with pytest.raises(ConfigError, match="train.epochs must be > 0"):
+        build(Run, ["--train.epochs", "0"])
+    with pytest.raises(ConfigError, match=r"warmup_ratio must be in \[0, 1\)"):
+        build(Run, ["--optim.warmup_ratio", "1"])

@@ -65,6 +65,7 @@ from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
 from lmforge.train.loop import LoopHooks, train
 from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
 from lmforge.train.optim import build_optimizer
+from lmforge.train.schedule import resolved
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
@@ -221,6 +222,13 @@ def _split(report: CheckReport, max_len: int, val_fraction: float,
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
+def with_length(cfg: Config, examples: int) -> Config:
+    """cfg with --train.epochs / --optim.warmup_ratio resolved over ``examples`` train rows."""
+    per_epoch = examples / (cfg.train.batch_size * cfg.train.grad_accum)
+    train_cfg, optim_cfg = resolved(cfg.train, cfg.optim, per_epoch)
+    return replace(cfg, train=train_cfg, optim=optim_cfg)
+
+
 def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists():
         if not overwrite:
@@ -339,6 +347,7 @@ def chat_main(cfg: Config, console: Console) -> int:
     max_len = min(cfg.max_len or loaded.model.cfg.block_size, loaded.model.cfg.block_size)
     report = checked_data(cfg, tok, template, eot, max_len)  # type: ignore[arg-type]
     train_ex, val_ex = _split(report, max_len, cfg.val_fraction, cfg.train.seed)
+    cfg = with_length(cfg, len(train_ex))
     pad_id = loaded.eos_id if loaded.eos_id is not None else 0
     batches = SftBatches(train_ex, cfg.train.batch_size, max_len, pad_id, cfg.train.seed,
                          cfg.pack, cfg.group_by_length)
@@ -569,6 +578,7 @@ def classify_main(cfg: Config, console: Console) -> int:
     tok = encoder_tokenizer(base_dir / TOKENIZER_FILE)
     max_len = min(cfg.max_len or model.cfg.block_size, model.cfg.block_size)
     train_items, val, test = _classify_splits(cfg, tok, names, max_len)
+    cfg = with_length(cfg, len(train_items))
     pad, bs = tok.token_to_id(PAD_TOKEN), cfg.train.batch_size
     if pad is None:
         raise UserError("the encoder's tokenizer has no [PAD] token")

@@ -83,6 +83,7 @@ from lmforge.recipes.common import LoadedModel, stream_text
 from lmforge.train.loop import LoopHooks, Runtime, train
 from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report
+from lmforge.train.schedule import resolved
 from lmforge.train.setup import (
     Setup,
     data_ranks,
@@ -518,6 +519,19 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def _with_length(cfg: Config, data_ranks: DistInfo) -> Config:
+    """cfg with train.epochs / optim.warmup_ratio resolved into max_steps / warmup_steps."""
+    tc, per_epoch = cfg.train, 0.0
+    if tc.epochs is not None and cfg.objective == "seq2seq":  # pairs, not split by rank
+        per_epoch = len(read_pairs(pairs_folder(cfg.data)[0])) / (tc.batch_size * tc.grad_accum)
+    elif tc.epochs is not None:  # a row reads seq_len tokens ([CLS] window [SEP] for mlm)
+        row = (tc.seq_len or cfg.model_cfg.block_size) - (2 if cfg.objective == "mlm" else 0)
+        per_epoch = TokenDataset.open(cfg.data).num_tokens("train") / (
+            tc.batch_size * tc.grad_accum * row * data_ranks.world_size)
+    train_cfg, optim_cfg = resolved(tc, cfg.optim, per_epoch)
+    return dataclasses.replace(cfg, train=train_cfg, optim=optim_cfg)
+
+
 def _build_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     if info.distributed and cfg.objective == "seq2seq":
         raise UserError("--objective seq2seq does not split its pairs by rank yet; "
@@ -577,16 +591,18 @@ def _main(cfg: Config, info: DistInfo) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     gen = seed_everything(cfg.train.seed)
+    cfg = _with_length(cfg, data_ranks(info, cfg.dist.tp))  # --train.epochs -> max_steps
     # reads and checks the data; batches are split over data-parallel ranks
     cfg, task = _build_task(cfg, data_ranks(info, cfg.dist.tp))
+    # collective; may still refuse (a checkpoint, the optimizer): before touching the disk
+    setup = setup_training(task.build, info=info, strategy=strategy, train_cfg=cfg.train,
+                           dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen)
     run_dir = Path(cfg.runs_dir) / cfg.run
     if info.is_main:
         check_trackers(cfg.train.trackers)
         _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(info)
-    setup = setup_training(task.build, info=info, strategy=strategy, train_cfg=cfg.train,
-                           dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen)
     state = _resume(cfg, setup, task.batches, run_dir, console, info)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml",

@@ -70,10 +70,13 @@ class ApiError(Exception):
     """A refusal with an HTTP status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error") -> None:
+                 code: str | None = None, type_: str = "invalid_request_error",
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = (
             status, message, param, code, type_)
+        self.retry_after = retry_after
+        """Seconds for a 429's Retry-After header: the same number its message gives."""
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
@@ -336,7 +339,38 @@ async def read_json(request: Request) -> dict[str, Any]:
                        "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    _refuse_bad_text(body)
     return body
+
+
+def _refuse_bad_text(body: dict[str, Any]) -> None:
+    """A 400 naming the field when any string (or key) holds an unpaired surrogate.
+
+    JSON may escape one ("\\udcff") although it is no Unicode text: the tokenizer (and any
+    UTF-8 encoder, the error body's included) fails on it later, inside a handler, as a 500.
+    Checked once here for every field of every endpoint; iterative, so a deeply nested body
+    cannot exhaust the stack.
+    """
+    stack: list[tuple[str, Any]] = [(k, k) for k in body] + list(body.items())
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((field, x) for kv in value.items() for x in kv)
+        elif isinstance(value, list):
+            stack.extend((field, x) for x in value)
+        elif isinstance(value, str) and not _is_unicode(value):
+            name = field if _is_unicode(field) else None  # the bad text never goes back out
+            raise ApiError(400, f"'{name or 'a key'}' holds text that is not valid Unicode (an "
+                           "unpaired surrogate such as \\udcff); send UTF-8 text", name,
+                           "invalid_value")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def authorize(state: State, request: Request, count: bool) -> None:
@@ -352,9 +386,10 @@ def authorize(state: State, request: Request, count: bool) -> None:
     if count and state.limiter is not None:
         wait = state.limiter.allow(key, time.monotonic())
         if wait is not None:
+            seconds = max(1, math.ceil(wait))
             raise ApiError(429, f"Rate limit reached: {state.limiter.limit} requests per "
-                           f"{state.limiter.window:g} s; retry in {math.ceil(wait)} s", None,
-                           "rate_limit_exceeded", "rate_limit_error")
+                           f"{state.limiter.window:g} s; retry in {seconds} s", None,
+                           "rate_limit_exceeded", "rate_limit_error", retry_after=seconds)
 
 
 def check_model(state: State, body: dict[str, Any]) -> None:
@@ -590,7 +625,8 @@ class Observe:
 
 def _error_response(e: Exception) -> JSONResponse:
     if isinstance(e, ApiError):
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        wait = e.retry_after if e.retry_after is not None else 1
+        headers = {"Retry-After": str(wait)} if e.status == 429 else None
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status, headers)
     if isinstance(e, InvalidRequest):
         return JSONResponse(error_body(str(e), "invalid_request_error", e.param, e.code), 400)
