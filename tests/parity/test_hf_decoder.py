@@ -52,8 +52,13 @@ def hf_model(arch: str) -> Any:
         model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4,
                                                n_positions=64, bos_token_id=V - 1,
                                                eos_token_id=V - 1))
+    return randomize(model)
+
+
+def randomize(model: Any) -> Any:
+    """``model`` in eval mode with std 0.2 matrices, non-trivial biases and norm gains."""
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # std 0.2 matrices, non-trivial biases and norm gains
+    with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             if p.ndim == 2:
