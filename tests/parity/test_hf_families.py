@@ -10,6 +10,7 @@ hidden/heads, tied head). Each: a tiny random transformers model saved, imported
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,82 @@ def test_export_loads_cleanly_in_transformers_and_matches(case: Case, tmp_path: 
     assert diff <= TOL
     mine, hf_tokens = greedy_pair(fresh, theirs)
     assert mine == hf_tokens
+
+
+# --------------------------------------------------------------------------- several EOS ids
+
+
+def test_every_eos_id_is_kept_and_stops_generation(tmp_path: Path) -> None:
+    """Llama 3 lists several EOS ids: the import keeps them all, generation stops at any one,
+    and the export writes the list back."""
+    import yaml
+
+    from lmforge.infer.generate import generate
+
+    model = hf_model("llama3")
+    model.generation_config.eos_token_id = [2, 5, 7]
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer("llama3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["eos_id"] == 2 and saved["eos_ids"] == [2, 5, 7]
+    loaded = load_model(tmp_path / "run")
+    assert loaded.eos_id == 2 and loaded.eos_ids == [2, 5, 7]
+
+    prompt = ids(12, seed=2)[0].tolist()
+    free = list(generate(loaded.model, prompt, 20, temperature=0.0))
+    stop = free[10]  # a token greedy decoding reaches: stopping on it must cut there
+    cut = list(generate(loaded.model, prompt, 20, temperature=0.0, eos_id=[V + 1, stop]))
+    assert cut == free[:free.index(stop)]
+
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [2, 5, 7]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 5, 7]
+    theirs = transformers.GenerationConfig.from_pretrained(out)
+    assert theirs.eos_token_id == [2, 5, 7]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_sharded_folders_in_and_out_with_readable_files(tmp_path: Path) -> None:
+    """A folder of shards + index imports; an export over the shard limit is split the same
+    way and loads cleanly; every weights file gets the umask's mode (0644), not 0600."""
+    from lmforge.interop.hf import INDEX_FILE, load_hf_model, write_hf_folder
+
+    model = hf_model("qwen3")
+    model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / INDEX_FILE).is_file()
+    write_tokenizer("qwen3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_model(tmp_path / "run")
+    assert max_diff(loaded.model, model, ids(48)) <= TOL
+
+    readable = 0o666 & ~_umask()
+    assert all(_mode(p) == readable for p in (tmp_path / "run").rglob("*.safetensors"))
+    out = tmp_path / "export"
+    out.mkdir()
+    ours, _ = load_hf_model(tmp_path / "hf")
+    write_hf_folder(ours, tmp_path / "run", out, bos_id=1, eos_id=2, dtype=torch.float32,
+                    max_shard_bytes=40_000)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert all(_mode(p) == readable for p in shards)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert max_diff(ours, theirs.eval(), ids(48)) <= TOL
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

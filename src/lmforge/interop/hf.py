@@ -42,10 +42,14 @@ from lmforge.models.encoder import (
     EncoderForClassification,
     EncoderForMaskedLM,
 )
+from lmforge.utils.io import chmod_like_open
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Largest weights file before an export is split into shards: transformers v5's
+# save_pretrained default (max_shard_size="50GB"; v4 used 5GB).
+MAX_SHARD_BYTES = 50 * 10**9
 GENERATION_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Tokenizer companions kept verbatim through import and export (special tokens, chat template).
@@ -260,7 +264,8 @@ def export_architecture(cfg: DecoderConfig) -> str:
     return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
 
 
-def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+def hf_config(cfg: DecoderConfig, bos_id: int | None,
+              eos_id: int | list[int] | None) -> dict[str, Any]:
     """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read)."""
     arch = export_architecture(cfg)
     common = {"architectures": [arch], "model_type": ARCHITECTURES[arch][0],
@@ -483,22 +488,28 @@ def load_weights(model: Decoder, arch: str, weights: SafetensorsFolder, folder: 
                         f"{CONFIG_FILE}; {hint}")
 
 
-def special_token_id(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> int | None:
-    """``bos``/``eos`` id: generation_config.json (what HF generate uses), config.json, then
-    tokenizer_config.json's token looked up in ``tokenizer``.
+def special_token_ids(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> list[int]:
+    """Every ``bos``/``eos`` id: generation_config.json (what HF generate uses), config.json,
+    then tokenizer_config.json's token looked up in ``tokenizer``; [] when none names one.
 
-    A list (several stop tokens) gives its first id: lmforge stops on one token.
+    Llama 3 lists several EOS ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>): any one ends a text.
     """
     gen, side = folder / GENERATION_FILE, folder / "tokenizer_config.json"
     for source in ([read_json(gen)] if gen.is_file() else []) + [hf]:
         value = source.get(f"{name}_token_id")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
+        values = value if isinstance(value, list) else [value]
+        found = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if found:
+            return list(dict.fromkeys(found))  # unique, first kept first
     token = read_json(side).get(f"{name}_token") if side.is_file() else None
     token = token.get("content") if isinstance(token, dict) else token
-    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+    i = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    return [] if i is None else [i]
+
+
+def special_token_id(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> int | None:
+    """The first of ``special_token_ids`` (the one id older run folders keep), or None."""
+    return next(iter(special_token_ids(folder, hf, name, tokenizer)), None)
 
 
 def copy_tokenizer(folder: Path, out: Path) -> None:
@@ -557,16 +568,55 @@ def hf_state_dict(model: Decoder, arch: str) -> dict[str, Tensor]:
     return out
 
 
+def save_weights(tensors: dict[str, Tensor], out: Path,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """``tensors`` as model.safetensors, or as shards + model.safetensors.index.json when
+    they exceed ``max_shard_bytes``, as transformers' save_pretrained names them; file names.
+
+    A tensor larger than the limit gets a shard of its own (transformers does the same).
+    """
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        chmod_like_open(out / name)  # safetensors writes 0600: unreadable to anyone else
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for name, shard in zip(names, shards, strict=True)
+                                for k in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        names.append(INDEX_FILE)
+    return names
+
+
 def write_hf_folder(model: Decoder, run_dir: Path, out: Path, *, bos_id: int | None,
-                    eos_id: int | None, dtype: torch.dtype) -> str:
-    """Write config.json, weights, generation and tokenizer files to ``out``; the architecture."""
-    config = hf_config(model.cfg, bos_id, eos_id)
+                    eos_id: int | None, dtype: torch.dtype,
+                    eos_ids: list[int] | None = None,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Write config.json, weights, generation and tokenizer files to ``out``; the architecture.
+
+    ``eos_ids`` (every stop id, ``eos_id`` first) is written as a list when it has several;
+    weights beyond ``max_shard_bytes`` are split into shards with an index.
+    """
+    stops = list(dict.fromkeys([*([] if eos_id is None else [eos_id]), *(eos_ids or [])]))
+    eos_value: int | list[int] | None = stops if len(stops) > 1 else eos_id
+    config = hf_config(model.cfg, bos_id, eos_value)
     arch = config["architectures"][0]
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {k: t.to(dtype) for k, t in hf_state_dict(model, arch).items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_weights(tensors, out, max_shard_bytes)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_value}
     (out / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     _export_tokenizer_files(run_dir, out, model.cfg.block_size, eos_id)
     return arch
@@ -746,7 +796,7 @@ def write_hf_encoder_folder(model: EncoderForMaskedLM | EncoderForClassification
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {k: t.detach().to(dtype).cpu().contiguous()
                for k, t in model.state_dict().items() if k not in _BERT_TIED}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_weights(tensors, out)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     _export_tokenizer_files(run_dir, out, model.cfg.block_size, None)
     return config["architectures"][0]
