@@ -51,7 +51,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from lmforge.config import UserError
-from lmforge.utils.io import atomic_dir, atomic_write_text, publish_dir
+from lmforge.utils.io import atomic_dir, atomic_write_text, chmod_like_open, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict | Non
         out[key] = t.clone() if overlaps else t
     meta = {"aliases": aliases, **(info or {})}
     save_file(out, str(path), metadata={_META_KEY: json.dumps(meta)})
+    chmod_like_open(path)  # safetensors writes 0600
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,8 +13,10 @@ from lmforge.models.decoder import (
     Decoder,
     DecoderConfig,
     KVCache,
+    RopeScaling,
     apply_rope,
     count_params,
+    rope_frequencies,
     rope_tables,
     sinusoid_table,
 )
@@ -47,6 +49,8 @@ VARIANTS = {
     "gpt2": gpt2_tiny(),
     "qwen2": tiny(n_kv_head=2, qkv_bias=True),
     "mistral": tiny(n_kv_head=2, sliding_window=5),
+    "qwen3": tiny(n_kv_head=2, qk_norm=True, head_size=12),
+    "llama3": tiny(rope_scaling=RopeScaling("llama3", 4.0, original_block_size=8)),
 }
 
 
@@ -67,7 +71,8 @@ def test_future_token_never_changes_past_logits(name: str) -> None:
     assert (a[:, t:] - b[:, t:]).abs().amax() > 1e-3  # the change itself is visible
 
 
-@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "sinusoidal-mha", "gpt2", "mistral"])
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "sinusoidal-mha", "gpt2", "mistral",
+                                  "qwen3", "llama3"])
 def test_kv_cache_one_token_steps_match_full_forward(name: str) -> None:
     model = build(VARIANTS[name])
     idx = torch.randint(0, 67, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -255,6 +260,8 @@ def test_weight_names() -> None:
         tiny(norm="layernorm", pos="sinusoidal", mlp="gelu"),
         tiny(n_kv_head=2, qkv_bias=True),
         tiny(qkv_bias=True, bias=True, sliding_window=4),
+        tiny(n_kv_head=2, qk_norm=True, head_size=12),
+        gpt2_tiny(qk_norm=True, head_size=4),
     ],
 )
 def test_count_params_matches_built_model(cfg: DecoderConfig) -> None:
@@ -347,11 +354,46 @@ def test_sinusoid_table_matches_vaswani() -> None:
         ({"norm_eps": 0.0}, "norm_eps"),
         ({"intermediate_size": 0}, "intermediate_size"),
         ({"sliding_window": 0}, "sliding_window"),
+        ({"head_size": 0}, "head_size"),
+        ({"head_size": 5}, "n_head"),  # rope needs an even head_dim
+        ({"pos": "learned", "rope_scaling": RopeScaling("linear", 2.0)}, "rope_scaling.type"),
     ],
 )
 def test_config_errors_name_the_field(changes: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         tiny(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"type": "dynamic"}, "type"), ({"factor": 0.0}, "factor"),
+     ({"original_block_size": 0}, "original_block_size"),
+     ({"type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "low_freq_factor")],
+)
+def test_rope_scaling_errors_name_the_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^rope_scaling.{field}:"):
+        RopeScaling(**changes)  # type: ignore[arg-type]
+
+
+def test_head_size_decouples_heads_from_width() -> None:
+    model = build(tiny(n_kv_head=2, head_size=12, qk_norm=True))
+    attn = model.blocks[0].attn
+    assert attn.q_proj.weight.shape == (4 * 12, 32) and attn.o_proj.weight.shape == (32, 48)
+    assert attn.k_proj.weight.shape == (2 * 12, 32) and attn.q_norm.weight.shape == (12,)
+    assert model(torch.randint(0, 67, (2, 5))).shape == (2, 5, 67)
+
+
+def test_rope_scaling_keeps_short_wavelengths_and_stretches_long_ones() -> None:
+    plain = rope_frequencies(tiny(n_head=1), torch.device("cpu"))[0]
+    cfg = tiny(n_head=1, rope_scaling=RopeScaling("llama3", 4.0, original_block_size=64))
+    scaled = rope_frequencies(cfg, torch.device("cpu"))[0]
+    wavelen = 2 * math.pi / plain
+    short, long = wavelen < 64 / 4, wavelen > 64
+    assert short.sum() >= 2 and long.sum() >= 2
+    assert torch.equal(scaled[short], plain[short])
+    torch.testing.assert_close(scaled[long], plain[long] / 4)
+    linear = tiny(n_head=1, rope_scaling=RopeScaling("linear", 2.0))
+    torch.testing.assert_close(rope_frequencies(linear, torch.device("cpu"))[0], plain / 2)
 
 
 def test_every_config_field_is_documented() -> None:

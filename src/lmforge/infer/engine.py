@@ -27,7 +27,7 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -304,7 +304,8 @@ class Engine:
     """
 
     def __init__(self, model: Decoder, decode: Callable[[list[int]], str], *,
-                 eos_id: int | None, max_batch: int = 8, max_queue: int = 64,
+                 eos_id: int | None, stop_ids: Collection[int] = (), max_batch: int = 8,
+                 max_queue: int = 64,
                  max_len: int | None = None) -> None:
         if model.training:
             raise ValueError("call model.eval() before serving")
@@ -312,6 +313,7 @@ class Engine:
             raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                             f"{max_queue}")
         self.model, self.decode, self.eos_id = model, decode, eos_id
+        self.stop_ids = frozenset(stop_ids)  # the model's other EOS ids (Llama 3 has several)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_emb.weight.device
         self.cache = model.new_row_cache(max_batch, max_len)
@@ -475,7 +477,7 @@ class Engine:
     def _accept(self, seq: _Seq, token: int) -> None:
         """Record a sampled token: stream its text, or finish the request."""
         p = seq.params
-        if token == self.eos_id or token in p.stop_token_ids:
+        if token == self.eos_id or token in self.stop_ids or token in p.stop_token_ids:
             self._finish(seq, "stop", counted=1)
             return
         seq.output.append(token)

@@ -12,7 +12,7 @@ once the context is full.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 
 import torch
 from torch import Tensor
@@ -72,6 +72,13 @@ def _stream(
         logits = decode_step(model, token, cache)
 
 
+def stop_set(eos_id: int | Collection[int] | None) -> frozenset[int]:
+    """The ids that end a text: none, one, or several (Llama 3 lists three EOS tokens)."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+
+
 # inference_mode as a decorator, not a `with` inside the body: on a generator function torch
 # re-enters the mode around each next() call, whereas a `with` would leak inference mode into
 # the caller's code between yields.
@@ -83,18 +90,19 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
 ) -> Generator[int, None, str]:
     """Stream up to ``max_new_tokens`` token ids continuing ``prompt_ids``.
 
-    Stops at ``eos_id`` without yielding it. The generator's return value (``yield from``
+    Stops at ``eos_id`` (or any of several) without yielding it. The generator's return value (``yield from``
     or StopIteration.value) is the finish reason: "stop" (eos) or "length" (max_new_tokens
     or context full). ``seed`` makes sampling reproducible; temperature 0 is greedy.
     """
+    stops = stop_set(eos_id)
     for token in _stream(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed):
         tok = int(token.item())
-        if tok == eos_id:
+        if tok in stops:
             return "stop"
         yield tok
     return "length"
@@ -108,7 +116,7 @@ def generate_batch(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
 ) -> list[list[int]]:
     """Continuations of equal-length ``prompts``, each cut before its first ``eos_id``.
@@ -118,11 +126,12 @@ def generate_batch(
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
+    stops = stop_set(eos_id)
     for token in _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         for row, tok in enumerate(token.tolist()):
             if done[row]:
                 continue
-            if tok == eos_id:
+            if tok in stops:
                 done[row] = True
             else:
                 outputs[row].append(tok)

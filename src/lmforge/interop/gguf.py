@@ -132,6 +132,11 @@ def check_exportable(cfg: DecoderConfig) -> None:
         if bad:
             raise UserError(f"model.{name}: GGUF export writes llama.cpp's llama architecture, "
                             f"which has no {name}; export with --format hf or onnx instead")
+    for name, bad in (("head_size", cfg.head_size is not None), ("qk_norm", cfg.qk_norm),
+                      ("rope_scaling", cfg.rope_scaling.type != "none")):
+        if bad:
+            raise UserError(f"model.{name}: lmforge's GGUF export does not write {name} yet; "
+                            "export with --format hf or onnx instead")
 
 
 # --------------------------------------------------------------------------- reading

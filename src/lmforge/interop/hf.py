@@ -1,15 +1,19 @@
 """Hugging Face model folders in and out: the decoder family, and BERT (at the end).
 
 A Hugging Face causal-LM folder is ``config.json`` + safetensors weights (one file, or shards
-with ``model.safetensors.index.json``) + tokenizer files. Four architectures map onto our
+with ``model.safetensors.index.json``) + tokenizer files. Five architectures map onto our
 ``DecoderConfig`` exactly, so a round trip changes no number:
 
 =====================  ==================================================================
 LlamaForCausalLM       rope + rmsnorm + swiglu, optional GQA, attention_bias/mlp_bias = bias
 Qwen2ForCausalLM       the same with biases on q/k/v only (``qkv_bias``)
+Qwen3ForCausalLM       the same with no biases and RMSNorm on q and k per head (``qk_norm``)
 MistralForCausalLM     the same with a ``sliding_window``
 GPT2LMHeadModel        learned positions + layernorm + tanh-GELU MLP + biases
 =====================  ==================================================================
+
+The rope families also carry ``head_dim`` (``head_size``) and ``rope_scaling`` of type
+linear, llama3 (Llama 3.1+) or yarn (``RopeScaling``).
 
 Reading uses only safetensors and json (never a pickle). transformers is imported only by
 ``load_back_check``, inside the function, so this module stays light.
@@ -18,6 +22,7 @@ Reading uses only safetensors and json (never a pickle). transformers is importe
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,17 +35,21 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.encoder import (
     Encoder,
     EncoderConfig,
     EncoderForClassification,
     EncoderForMaskedLM,
 )
+from lmforge.utils.io import chmod_like_open
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Largest weights file before an export is split into shards: transformers v5's
+# save_pretrained default (max_shard_size="50GB"; v4 used 5GB).
+MAX_SHARD_BYTES = 50 * 10**9
 GENERATION_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Tokenizer companions kept verbatim through import and export (special tokens, chat template).
@@ -49,6 +58,7 @@ TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "cha
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "llama"),
     "Qwen2ForCausalLM": ("qwen2", "llama"),
+    "Qwen3ForCausalLM": ("qwen3", "llama"),
     "MistralForCausalLM": ("mistral", "llama"),
     "GPT2LMHeadModel": ("gpt2", "gpt2"),
 }
@@ -56,6 +66,8 @@ ARCHITECTURES = {
 _DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "head_dim": 128},
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
                 "tie_word_embeddings": False},
 }
@@ -73,17 +85,57 @@ def _need(hf: dict[str, Any], key: str, where: str) -> Any:
     return hf[key]
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    """The plain-RoPE base of a v4 (rope_theta/rope_scaling) or v5 (rope_parameters) config."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
-    if kind != "default":
-        raise UserError(
-            f"{where}: rope scaling type '{kind}' is not supported (lmforge implements plain "
-            "RoPE only); import a model without rope_scaling"
-        )
-    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
+
+
+def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling]:
+    """(base, scaling) of a v4 (rope_theta + rope_scaling) or v5 (rope_parameters) config.
+
+    As transformers v5's ``convert_rope_params_to_dict``: rope_scaling wins over
+    rope_parameters, and a theta inside the dict over a top-level one.
+    """
+    p = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    theta = float(p.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = p.get("rope_type", p.get("type")) or "default"
+    if kind not in _ROPE_TYPES:
+        raise UserError(f"{where}: rope_scaling type '{kind}' is not supported; lmforge "
+                        f"implements {', '.join(_ROPE_TYPES)} (dynamic has no fixed table)")
+    if p.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError(f"{where}: partial_rotary_factor is not supported; lmforge rotates "
+                        "the whole head")
+    if kind == "default":
+        return theta, RopeScaling()
+    factor = p.get("factor")
+    if factor is None:  # transformers' yarn derives it; the others require it
+        raise UserError(f"{where}: rope_scaling has no 'factor'; lmforge needs it for {kind}")
+    original = p.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    extra = {}
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if key not in p:
+                raise UserError(f"{where}: rope_scaling has no '{key}'; llama3 scaling needs it")
+        extra = {"low_freq_factor": p["low_freq_factor"], "high_freq_factor": p["high_freq_factor"]}
+    elif kind == "yarn":
+        extra = {"beta_fast": p.get("beta_fast") or 32.0, "beta_slow": p.get("beta_slow") or 1.0,
+                 "attention_factor": _yarn_attention_factor(p, float(factor)),
+                 "truncate": bool(p.get("truncate", True))}
+    scaling = RopeScaling(type=_ROPE_TYPES[kind], factor=float(factor),  # type: ignore[arg-type]
+                          original_block_size=None if kind == "linear" else original, **extra)
+    return theta, scaling
+
+
+def _yarn_attention_factor(p: dict[str, Any], factor: float) -> float | None:
+    """YaRN's cos/sin scale: explicit, from DeepSeek's mscale pair, or None (derived later)."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        return None
+
+    def get_mscale(scale: float, m: float) -> float:  # transformers' _compute_yarn_parameters
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
 
 
 def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: str) -> int | None:
@@ -91,7 +143,7 @@ def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: st
     window = hf.get("sliding_window")
     if model_type == "mistral":
         return window
-    if model_type != "qwen2":
+    if model_type not in ("qwen2", "qwen3"):
         return None
     types = hf.get("layer_types")
     if types is None:  # transformers v4: layers from max_window_layers on slide
@@ -110,29 +162,30 @@ def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: st
 
 
 def _llama_like_config(hf: dict[str, Any], model_type: str, where: str) -> DecoderConfig:
-    """Llama, Qwen2 and Mistral configs -> DecoderConfig."""
+    """Llama, Qwen2, Qwen3 and Mistral configs -> DecoderConfig."""
     d = {**_DEFAULTS[model_type], **hf}
     c, heads = _need(d, "hidden_size", where), _need(d, "num_attention_heads", where)
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise UserError(f"{where}: hidden_act '{act}' is not supported; lmforge's SwiGLU uses silu")
     head_dim = d.get("head_dim") or c // heads
-    if head_dim * heads != c:
-        raise UserError(f"{where}: head_dim {head_dim} x num_attention_heads {heads} != "
-                        f"hidden_size {c}; lmforge needs head_dim = hidden_size / heads")
+    # Qwen3's attention_bias puts biases on q/k/v/o but not the MLP: no lmforge field says that.
+    mlp_bias = d.get("mlp_bias", False) if model_type != "qwen3" else False
     bias = bool(d.get("attention_bias", False))
-    if bias != bool(d.get("mlp_bias", False)):
+    if bias != bool(mlp_bias):
         raise UserError(f"{where}: attention_bias and mlp_bias differ; lmforge's bias covers "
                         "both (set them equal)")
     kv = d.get("num_key_value_heads") or heads
     n_layer = _need(d, "num_hidden_layers", where)
+    theta, scaling = _rope(d, where)
     return DecoderConfig(
         vocab_size=_need(d, "vocab_size", where), block_size=d["max_position_embeddings"],
         n_layer=n_layer, n_head=heads, n_kv_head=None if kv == heads else kv, n_embd=c,
         intermediate_size=_need(d, "intermediate_size", where), norm="rmsnorm",
-        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=_rope_theta(d, where), mlp="swiglu",
-        bias=bias, qkv_bias=model_type == "qwen2",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=theta, rope_scaling=scaling,
+        mlp="swiglu", bias=bias, qkv_bias=model_type == "qwen2",
         sliding_window=_sliding_window(d, model_type, n_layer, where),
+        head_size=None if head_dim * heads == c else head_dim, qk_norm=model_type == "qwen3",
         tie_embeddings=bool(d["tie_word_embeddings"]), dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
     )
@@ -185,7 +238,8 @@ def export_architecture(cfg: DecoderConfig) -> str:
             raise UserError("model.bias: GPT2LMHeadModel has biases everywhere; a GPT-2 style "
                             "model exports only with bias=true")
         for name, bad in (("n_kv_head", cfg.kv_heads != cfg.n_head),
-                          ("sliding_window", cfg.sliding_window is not None)):
+                          ("sliding_window", cfg.sliding_window is not None),
+                          ("head_size", cfg.head_size is not None), ("qk_norm", cfg.qk_norm)):
             if bad:
                 raise UserError(f"model.{name}: GPT2LMHeadModel has no equivalent of "
                                 f"{name}={getattr(cfg, name)}; use null to export")
@@ -198,6 +252,11 @@ def export_architecture(cfg: DecoderConfig) -> str:
     if cfg.bias and cfg.sliding_window is not None:
         raise UserError("model.sliding_window: no Hugging Face architecture has a sliding "
                         "window and biases on every linear layer (bias=true)")
+    if cfg.qk_norm:
+        if cfg.bias or cfg.qkv_bias:
+            raise UserError("model.qk_norm: Qwen3ForCausalLM (q/k norms) has no biases on the "
+                            "MLP nor q/k/v biases alone; export with bias=false, qkv_bias=false")
+        return "Qwen3ForCausalLM"
     if cfg.bias:
         return "LlamaForCausalLM"  # attention_bias = mlp_bias = true
     if cfg.qkv_bias:
@@ -205,7 +264,8 @@ def export_architecture(cfg: DecoderConfig) -> str:
     return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
 
 
-def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+def hf_config(cfg: DecoderConfig, bos_id: int | None,
+              eos_id: int | list[int] | None) -> dict[str, Any]:
     """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read)."""
     arch = export_architecture(cfg)
     common = {"architectures": [arch], "model_type": ARCHITECTURES[arch][0],
@@ -220,14 +280,32 @@ def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | None) -> dic
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
            "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-           "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_dropout": 0.0}
+           "rope_theta": cfg.rope_theta, "rope_scaling": hf_rope_scaling(cfg),
+           "attention_dropout": 0.0}
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif arch == "MistralForCausalLM":
         out.update(sliding_window=cfg.sliding_window)
-    else:  # Qwen2: max_window_layers=0 makes every layer slide when the window is on
+    else:  # Qwen2/3: max_window_layers=0 makes every layer slide when the window is on
         out.update(use_sliding_window=cfg.sliding_window is not None,
                    sliding_window=cfg.sliding_window, max_window_layers=0)
+    return out
+
+
+def hf_rope_scaling(cfg: DecoderConfig) -> dict[str, Any] | None:
+    """config.json's ``rope_scaling`` for ``cfg`` (None for plain RoPE), as ``_rope`` reads it."""
+    rs = cfg.rope_scaling
+    if rs.type == "none":
+        return None
+    out: dict[str, Any] = {"rope_type": rs.type, "factor": rs.factor}
+    if rs.type != "linear":
+        out["original_max_position_embeddings"] = rs.original_block_size or cfg.block_size
+    if rs.type == "llama3":
+        out.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+    elif rs.type == "yarn":
+        out.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
+        if rs.attention_factor is not None:
+            out["attention_factor"] = rs.attention_factor
     return out
 
 
@@ -410,22 +488,28 @@ def load_weights(model: Decoder, arch: str, weights: SafetensorsFolder, folder: 
                         f"{CONFIG_FILE}; {hint}")
 
 
-def special_token_id(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> int | None:
-    """``bos``/``eos`` id: generation_config.json (what HF generate uses), config.json, then
-    tokenizer_config.json's token looked up in ``tokenizer``.
+def special_token_ids(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> list[int]:
+    """Every ``bos``/``eos`` id: generation_config.json (what HF generate uses), config.json,
+    then tokenizer_config.json's token looked up in ``tokenizer``; [] when none names one.
 
-    A list (several stop tokens) gives its first id: lmforge stops on one token.
+    Llama 3 lists several EOS ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>): any one ends a text.
     """
     gen, side = folder / GENERATION_FILE, folder / "tokenizer_config.json"
     for source in ([read_json(gen)] if gen.is_file() else []) + [hf]:
         value = source.get(f"{name}_token_id")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
+        values = value if isinstance(value, list) else [value]
+        found = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if found:
+            return list(dict.fromkeys(found))  # unique, first kept first
     token = read_json(side).get(f"{name}_token") if side.is_file() else None
     token = token.get("content") if isinstance(token, dict) else token
-    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+    i = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    return [] if i is None else [i]
+
+
+def special_token_id(folder: Path, hf: dict[str, Any], name: str, tokenizer: Any) -> int | None:
+    """The first of ``special_token_ids`` (the one id older run folders keep), or None."""
+    return next(iter(special_token_ids(folder, hf, name, tokenizer)), None)
 
 
 def copy_tokenizer(folder: Path, out: Path) -> None:
@@ -484,16 +568,55 @@ def hf_state_dict(model: Decoder, arch: str) -> dict[str, Tensor]:
     return out
 
 
+def save_weights(tensors: dict[str, Tensor], out: Path,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """``tensors`` as model.safetensors, or as shards + model.safetensors.index.json when
+    they exceed ``max_shard_bytes``, as transformers' save_pretrained names them; file names.
+
+    A tensor larger than the limit gets a shard of its own (transformers does the same).
+    """
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        chmod_like_open(out / name)  # safetensors writes 0600: unreadable to anyone else
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for name, shard in zip(names, shards, strict=True)
+                                for k in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        names.append(INDEX_FILE)
+    return names
+
+
 def write_hf_folder(model: Decoder, run_dir: Path, out: Path, *, bos_id: int | None,
-                    eos_id: int | None, dtype: torch.dtype) -> str:
-    """Write config.json, weights, generation and tokenizer files to ``out``; the architecture."""
-    config = hf_config(model.cfg, bos_id, eos_id)
+                    eos_id: int | None, dtype: torch.dtype,
+                    eos_ids: list[int] | None = None,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Write config.json, weights, generation and tokenizer files to ``out``; the architecture.
+
+    ``eos_ids`` (every stop id, ``eos_id`` first) is written as a list when it has several;
+    weights beyond ``max_shard_bytes`` are split into shards with an index.
+    """
+    stops = list(dict.fromkeys([*([] if eos_id is None else [eos_id]), *(eos_ids or [])]))
+    eos_value: int | list[int] | None = stops if len(stops) > 1 else eos_id
+    config = hf_config(model.cfg, bos_id, eos_value)
     arch = config["architectures"][0]
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {k: t.to(dtype) for k, t in hf_state_dict(model, arch).items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_weights(tensors, out, max_shard_bytes)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_value}
     (out / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     _export_tokenizer_files(run_dir, out, model.cfg.block_size, eos_id)
     return arch
@@ -673,7 +796,7 @@ def write_hf_encoder_folder(model: EncoderForMaskedLM | EncoderForClassification
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {k: t.detach().to(dtype).cpu().contiguous()
                for k, t in model.state_dict().items() if k not in _BERT_TIED}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_weights(tensors, out)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     _export_tokenizer_files(run_dir, out, model.cfg.block_size, None)
     return config["architectures"][0]

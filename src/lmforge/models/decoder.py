@@ -6,8 +6,9 @@ Reads top to bottom as the architecture: the config, then the components in forw
 
 The family differences are config fields, not subclasses:
 GPT-2 = LayerNorm + learned positions + GELU MLP + biases; Llama = RMSNorm + RoPE + SwiGLU,
-no biases, optional grouped-query attention (``n_kv_head < n_head``). Two small fields cover
-the Llama relatives: Qwen2 (``qkv_bias``) and Mistral (``sliding_window``).
+no biases, optional grouped-query attention (``n_kv_head < n_head``). Small fields cover
+the Llama relatives: Qwen2 (``qkv_bias``), Mistral (``sliding_window``), Qwen3 (``qk_norm``,
+``head_size``) and Llama 3.1+ long context (``rope_scaling``).
 
 Shapes: B batch, T new tokens, S attended positions (cache length + T), C = n_embd,
 H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,6 +30,46 @@ from lmforge.config import ConfigError
 from lmforge.models.kv_cache import KVCache, RowKVCache, causal_mask
 
 # --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RopeScaling:
+    """How RoPE's frequencies are stretched beyond the context seen in pretraining.
+
+    The ``rope_scaling`` of a Hugging Face config.json, for the types whose table is fixed
+    (``dynamic`` NTK rescales with the running sequence length, so it has no fixed table).
+    """
+
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """none = plain RoPE; linear = positions / factor (Chen et al. 2023); llama3 = Llama 3.1's per-frequency blend; yarn = YaRN (Peng et al. 2023)."""
+    factor: float = 1.0
+    """Context extension factor (linear, llama3, yarn)."""
+    original_block_size: int | None = None
+    """Context length of pretraining (original_max_position_embeddings); null = block_size."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_block_size / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_block_size / high_freq_factor are kept."""
+    beta_fast: float = 32.0
+    """yarn: rotations at which the ramp from extrapolation to interpolation starts."""
+    beta_slow: float = 1.0
+    """yarn: rotations at which the ramp ends."""
+    attention_factor: float | None = None
+    """yarn: scale of cos and sin (softmax temperature); null = 0.1 * ln(factor) + 1."""
+    truncate: bool = True
+    """yarn: round the ramp's ends to whole dimensions (transformers' default)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rope_scaling.type", self.type, ("none", "linear", "llama3", "yarn"))
+        if not self.factor > 0:
+            raise ConfigError(f"rope_scaling.factor: must be positive, got {self.factor}")
+        if self.original_block_size is not None and self.original_block_size <= 0:
+            raise ConfigError("rope_scaling.original_block_size: must be positive or null, "
+                              f"got {self.original_block_size}")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(
+                "rope_scaling.low_freq_factor: llama3 needs 0 < low_freq_factor < "
+                f"high_freq_factor, got {self.low_freq_factor} and {self.high_freq_factor}")
 
 
 @dataclass
@@ -57,6 +98,8 @@ class DecoderConfig:
     """Position encoding: learned table (GPT-2), fixed sinusoids (Vaswani et al. 2017) or rotary (RoPE, Llama)."""
     rope_theta: float = 10000.0
     """RoPE base frequency (only used when pos = rope)."""
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    """Longer-context RoPE (only used when pos = rope): type none, linear, llama3 or yarn."""
     mlp: Literal["gelu", "swiglu"] = "swiglu"
     """MLP type: gelu (GPT-2, two matrices) or swiglu (Llama, three matrices)."""
     bias: bool = False
@@ -65,6 +108,10 @@ class DecoderConfig:
     """Add biases to the q/k/v projections only (Qwen2 style); implied by bias."""
     sliding_window: int | None = None
     """Each token attends to itself and the sliding_window-1 tokens before it (Mistral); null = all."""
+    head_size: int | None = None
+    """Width of one attention head; null = n_embd / n_head. Qwen3 sets it (HF's head_dim)."""
+    qk_norm: bool = False
+    """Normalize each head's queries and keys (the configured norm over head_dim) before RoPE (Qwen3)."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output head (saves vocab_size*n_embd parameters)."""
     dropout: float = 0.0
@@ -76,14 +123,14 @@ class DecoderConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        for name in ("intermediate_size", "n_kv_head", "sliding_window"):
+        for name in ("intermediate_size", "n_kv_head", "sliding_window", "head_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be positive or null, got {value}")
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("pos", self.pos, ("learned", "sinusoidal", "rope"))
         _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
-        if self.n_embd % self.n_head:
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_head: {self.n_head} does not divide n_embd={self.n_embd}; "
                 "choose n_head so that n_embd % n_head == 0"
@@ -95,9 +142,12 @@ class DecoderConfig:
             )
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(
-                f"n_head: rope needs an even head_dim, but n_embd/n_head = {self.head_dim}; "
-                "change n_head or n_embd"
+                f"n_head: rope needs an even head_dim, but it is {self.head_dim}; "
+                "change n_head, n_embd or head_size"
             )
+        if self.pos != "rope" and self.rope_scaling.type != "none":
+            raise ConfigError(f"rope_scaling.type: {self.rope_scaling.type} needs pos = rope, "
+                              f"got pos = {self.pos}")
         if self.pos == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(
                 f"n_embd: sinusoidal positions need an even n_embd, got {self.n_embd}"
@@ -111,7 +161,7 @@ class DecoderConfig:
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
-        return self.n_embd // self.n_head
+        return self.n_embd // self.n_head if self.head_size is None else self.head_size
 
     @property
     def kv_heads(self) -> int:
@@ -145,9 +195,12 @@ def count_params(cfg: DecoderConfig) -> int:
     c, d, f, v = cfg.n_embd, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
     b = 1 if cfg.bias else 0
     qb = 1 if cfg.bias or cfg.qkv_bias else 0
-    kv = cfg.kv_heads * d
-    norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    attn = (c * c + qb * c) + (c * c + b * c) + (c * kv + qb * kv) * 2  # q, o, then k and v
+    q, kv = cfg.n_head * d, cfg.kv_heads * d
+    norm_params = 2 if cfg.norm == "layernorm" and cfg.bias else 1
+    norm = c * norm_params
+    attn = (c * q + qb * q) + (q * c + b * c) + (c * kv + qb * kv) * 2  # q, o, then k and v
+    if cfg.qk_norm:
+        attn += 2 * d * norm_params
     if cfg.mlp == "swiglu":
         mlp = 2 * (c * f + b * f) + (f * c + b * c)
     else:
@@ -161,11 +214,12 @@ def count_params(cfg: DecoderConfig) -> int:
 # --------------------------------------------------------------------------- components
 
 
-def make_norm(cfg: DecoderConfig) -> nn.Module:
-    """The configured normalization over the last dimension."""
+def make_norm(cfg: DecoderConfig, dim: int | None = None) -> nn.Module:
+    """The configured normalization over the last dimension (``dim`` wide, default n_embd)."""
+    dim = cfg.n_embd if dim is None else dim
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def rope_tables(cfg: DecoderConfig, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -175,12 +229,67 @@ def rope_tables(cfg: DecoderConfig, device: torch.device) -> tuple[Tensor, Tenso
     position is off by several radians. Frequencies are duplicated as [f, f] to match the
     HF/Llama "rotate_half" layout, so HF Llama weights load with no permutation.
     """
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    inv_freq, scale = rope_frequencies(cfg, device)
     t = torch.arange(cfg.block_size, device=device).float()
     freqs = torch.outer(t, inv_freq)  # (block_size, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, D)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def rope_frequencies(cfg: DecoderConfig, device: torch.device) -> tuple[Tensor, float]:
+    """(inverse frequencies (D/2,), scale of cos/sin) under ``cfg.rope_scaling``.
+
+    The formulas and their fp32 order of operations are those of transformers'
+    ``modeling_rope_utils`` (``_compute_{default,linear_scaling,llama3,yarn}_parameters``), so
+    imported models keep logit parity.
+    """
+    d, rs = cfg.head_dim, cfg.rope_scaling
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    original = rs.original_block_size or cfg.block_size
+    if rs.type == "linear":  # scaling positions by 1/factor = scaling frequencies by 1/factor
+        return inv_freq / rs.factor, 1.0
+    if rs.type == "llama3":
+        return _llama3_frequencies(inv_freq, rs, original), 1.0
+    if rs.type == "yarn":
+        return _yarn_frequencies(cfg, device, original)
+    return inv_freq, 1.0
+
+
+def _llama3_frequencies(inv_freq: Tensor, rs: RopeScaling, original: int) -> Tensor:
+    """Llama 3.1: keep short wavelengths, divide long ones by factor, blend in between."""
+    low_freq_wavelen = original / rs.low_freq_factor
+    high_freq_wavelen = original / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (original / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_frequencies(cfg: DecoderConfig, device: torch.device,
+                      original: int) -> tuple[Tensor, float]:
+    """YaRN (Peng et al. 2023): interpolate the low frequencies, extrapolate the high ones,
+    with a linear ramp between, and scale cos/sin by the attention factor (sec. 3.4)."""
+    d, rs, base = cfg.head_dim, cfg.rope_scaling, cfg.rope_theta
+    scale = rs.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(rs.factor) + 1.0 if rs.factor > 1 else 1.0
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp.to(device)  # (D/2,), 1 = keep the original frequency
+    pos_freqs = base ** (torch.arange(0, d, 2, device=device).float() / d)
+    interpolated, extrapolated = 1.0 / (rs.factor * pos_freqs), 1.0 / pos_freqs
+    return interpolated * (1 - extrapolation) + extrapolated * extrapolation, scale
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -218,12 +327,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        c, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+        c, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(c, c, bias=qkv_bias)
+        self.q_proj = nn.Linear(c, q, bias=qkv_bias)
         self.k_proj = nn.Linear(c, kv, bias=qkv_bias)
         self.v_proj = nn.Linear(c, kv, bias=qkv_bias)
-        self.o_proj = nn.Linear(c, c, bias=cfg.bias)
+        self.o_proj = nn.Linear(q, c, bias=cfg.bias)
+        if cfg.qk_norm:  # Qwen3: one norm per head width, shared by all heads
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -238,8 +350,11 @@ class Attention(nn.Module):
         D = self.cfg.head_dim
         # Heads are counted from the projections, not the config: under tensor parallelism
         # (parallel.apply_tp) each rank holds n_head/tp query and kv_heads/tp key/value heads.
-        q = self.q_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
+        q = self.q_proj(x).view(B, T, -1, D)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, D)  # (B, T, G, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, G, T, D)
         v = self.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
         H, G = q.shape[1], k.shape[1]
         if rope is not None:
@@ -261,7 +376,7 @@ class Attention(nn.Module):
             # training step ~2% and 1-token decode ~8% faster. Needs torch>=2.5.
             enable_gqa=G != H,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C), or C/tp per TP rank
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D), or H*D/tp per TP rank
         return self.resid_drop(self.o_proj(y))
 
 

@@ -51,6 +51,7 @@ class LM:
         self._template_name = template
         self._template: ChatTemplate | None = None
         self.engine = Engine(self.model, self.tokenizer.decode, eos_id=self.eos_id,
+                             stop_ids=loaded.eos_ids,
                              max_batch=max_batch, max_queue=1 << 20, max_len=max_len)
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,8 @@ class LoadedModel:
     step: int
     eos_id: int | None = None
     """Token that ends a text: config.yaml's eos_id (imported models), else <|endoftext|>."""
+    eos_ids: list[int] = field(default_factory=list)
+    """Every token that ends a text (Llama 3 has several): config.yaml's eos_ids, else [eos_id]."""
 
 
 def find_run_dir(path: Path) -> tuple[Path, Path]:
@@ -66,7 +68,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     eos_id = saved["eos_id"] if "eos_id" in saved else tokenizer.token_to_id(EOS_TOKEN)
     if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
         raise UserError(f"{run_dir / 'config.yaml'}: eos_id must be a token id or null")
-    return LoadedModel(model, tokenizer, run_dir, ckpt, step, eos_id)
+    eos_ids = saved.get("eos_ids") or ([] if eos_id is None else [eos_id])
+    if not (isinstance(eos_ids, list) and all(type(i) is int for i in eos_ids)):
+        raise UserError(f"{run_dir / 'config.yaml'}: eos_ids must be a list of token ids")
+    return LoadedModel(model, tokenizer, run_dir, ckpt, step, eos_id, eos_ids)
 
 
 def stream_text(loaded: LoadedModel, prompt: str, console: Console | None, *,
@@ -79,8 +84,9 @@ def stream_text(loaded: LoadedModel, prompt: str, console: Console | None, *,
         ids = [eos_id]  # an empty prompt starts a fresh document, as in training
     out_ids: list[int] = []
     shown = ""
+    stops = {*loaded.eos_ids, *([] if eos_id is None else [eos_id])}  # any of them ends it
     for token in generate(loaded.model, ids, max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed):
+                          top_k=top_k, top_p=top_p, eos_id=stops, seed=seed):
         out_ids.append(token)
         text = tok.decode(out_ids)
         # A byte-level BPE token can end mid-character; wait for the rest of it.

@@ -125,7 +125,7 @@ def export_hf(loaded: LoadedModel, out: Path, cfg: Config) -> Exported:
     bos_id = load_yaml(loaded.run_dir / "config.yaml").get("bos_id")
     dtype = DTYPES[cfg.dtype]
     arch = write_hf_folder(loaded.model, loaded.run_dir, out, bos_id=bos_id,
-                           eos_id=loaded.eos_id, dtype=dtype)
+                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids)
     diff = load_back_check(loaded.model, out, dtype)
     return Exported(diff, "transformers", arch, cfg.dtype, {"architecture": arch})
 

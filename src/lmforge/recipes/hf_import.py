@@ -34,7 +34,7 @@ from lmforge.interop.hf import (
     load_hf_model,
     read_json,
     resolve_source,
-    special_token_id,
+    special_token_ids,
 )
 from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
 from lmforge.utils.io import atomic_dir
@@ -90,15 +90,18 @@ def main(cfg: Config) -> int:
     model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         tok = _copy_checked_tokenizer(folder, tmp, model.cfg.vocab_size)
-        bos_id, eos_id = (special_token_id(folder, hf, name, tok) for name in ("bos", "eos"))
+        bos_ids, eos_ids = (special_token_ids(folder, hf, name, tok) for name in ("bos", "eos"))
+        bos_id, eos_id = (ids[0] if ids else None for ids in (bos_ids, eos_ids))
+        # eos_id stays the first for older readers; eos_ids holds every id that ends a text.
         record = {"source": cfg.src, "architecture": arch, "bos_id": bos_id, "eos_id": eos_id,
-                  "model": to_dict(model.cfg)}
+                  "eos_ids": eos_ids, "model": to_dict(model.cfg)}
         _write_run(tmp, record, model, cfg.src, arch, folder)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     Console(highlight=False).print(
         f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
         f"{model.cfg.n_layer} layers, width {model.cfg.n_embd}, context {model.cfg.block_size}, "
-        f"eos id {eos_id}\n-> {out}    try: lmforge generate --run {out} --greedy",
+        f"eos id{'s' if len(eos_ids) > 1 else ''} {', '.join(map(str, eos_ids)) or None}"
+        f"\n-> {out}    try: lmforge generate --run {out} --greedy",
         markup=False, soft_wrap=True,
     )
     return 0

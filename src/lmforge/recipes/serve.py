@@ -118,6 +118,7 @@ def main(cfg: Config) -> int:
         quantize(loaded.model, cfg.quant)
     template = chat_template(loaded, cfg.template)
     engine = Engine(loaded.model, loaded.tokenizer.decode, eos_id=loaded.eos_id,
+                    stop_ids=loaded.eos_ids,
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len)
     kv_bytes = (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size()
     limit, window = parse_rate(cfg.rate_limit) if cfg.rate_limit else (None, 60.0)

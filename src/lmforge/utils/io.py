@@ -36,6 +36,15 @@ def _umask() -> int:
     return mask
 
 
+def chmod_like_open(path: str | Path) -> None:
+    """Give ``path`` the mode a plain open() would (0o666 minus the umask, usually 0644).
+
+    For files a library creates through its own temporary file: safetensors' ``save_file``
+    leaves 0600, so an exported model would be unreadable to anyone else.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     path = Path(path)
