@@ -79,6 +79,7 @@ from lmforge.data.pairs import (
 from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer, vocab_size_of, with_special_tokens
 from lmforge.eval.lm import make_lm_evaluator
 from lmforge.infer.seq2seq_generate import generate_seq2seq
+from lmforge.infer.text import stream_text
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
 from lmforge.models.registry import Family, preset, preset_names
@@ -97,7 +98,7 @@ from lmforge.parallel import (
     make_mesh,
 )
 from lmforge.plan import TrainSettings
-from lmforge.recipes.common import LoadedModel, stream_text
+from lmforge.run import LoadedModel
 from lmforge.train.loop import LoopHooks, LossFn, Runtime, causal_lm_loss, train
 from lmforge.train.oom import oom_report
 from lmforge.train.optim import build_optimizer
