@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # ``lmforge.load`` is resolved on first use, so ``import lmforge`` stays free of torch.
     if name == "load":
-        from lmforge.recipes.api import load
+        from lmforge.api import load
 
         return load
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

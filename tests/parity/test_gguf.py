@@ -28,10 +28,10 @@ from lmforge.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from lmforge.cli import run  # noqa: E402
 from lmforge.config import UserError, to_dict  # noqa: E402
 from lmforge.data.tokenizer import train_bpe  # noqa: E402
+from lmforge.export import TOLERANCES  # noqa: E402
 from lmforge.interop.gguf import GGUFFile, permute_qk, unpermute_qk  # noqa: E402
 from lmforge.models.decoder import Decoder, DecoderConfig  # noqa: E402
-from lmforge.recipes.common import load_model  # noqa: E402
-from lmforge.recipes.export import TOLERANCES  # noqa: E402
+from lmforge.run import load_model  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TEXT = ["the cat sat on the mat", "a dog ran in the park 12 times", "<|im_start|>hi<|im_end|>"]

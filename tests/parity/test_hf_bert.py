@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from lmforge.cli import run  # noqa: E402
 from lmforge.config import UserError, load_yaml  # noqa: E402
 from lmforge.interop.hf import load_hf_encoder  # noqa: E402
-from lmforge.recipes.export import load_encoder_run  # noqa: E402
+from lmforge.run import load_run  # noqa: E402
 
 V = 64  # vocabulary of every test model
 TOL = 1e-4
@@ -115,10 +115,11 @@ def test_import_writes_an_encoder_run(case: Case) -> None:
     else:  # as `finetune --task classify` writes it
         assert saved["task"] == "classify" and saved["labels"] == LABELS
     assert (case.run / "tokenizer.json").is_file()
+    assert load_run(case.run).kind == ("encoder" if case.head == "mlm" else "classifier")
 
 
 def test_imported_logits_match_transformers(case: Case) -> None:
-    model, _, _ = load_encoder_run(str(case.run))
+    model = load_run(case.run).model
     diff = max_diff(model, case.hf)
     print(f"import {case.head}: max |Δlogits| = {diff:.2e}")
     assert diff <= TOL
@@ -137,7 +138,7 @@ def test_export_loads_cleanly_in_transformers_and_matches(case: Case, tmp_path: 
     if case.head == "classify":
         assert theirs.config.id2label == dict(enumerate(LABELS))
         assert config["architectures"] == ["BertForSequenceClassification"]
-    model, _, _ = load_encoder_run(str(case.run))
+    model = load_run(case.run).model
     diff = max_diff(model, theirs.eval())
     print(f"export {case.head}: max |Δlogits| = {diff:.2e}")
     assert diff <= TOL
@@ -149,7 +150,7 @@ def test_export_loads_cleanly_in_transformers_and_matches(case: Case, tmp_path: 
 
 def test_padding_changes_no_real_token(case: Case) -> None:
     """The mask is applied: the padded row's logits at real tokens ignore the pad tokens' ids."""
-    model, _, _ = load_encoder_run(str(case.run))
+    model = load_run(case.run).model
     x = inputs()
     other = x["input_ids"].clone()
     other[1, 16:] = (other[1, 16:] + 1) % V  # change only the padded positions

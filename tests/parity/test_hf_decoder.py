@@ -22,7 +22,7 @@ from lmforge.cli import run  # noqa: E402
 from lmforge.config import UserError  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.models.decoder import Decoder, DecoderConfig  # noqa: E402
-from lmforge.recipes.common import LoadedModel, load_model  # noqa: E402
+from lmforge.run import LoadedModel, load_model  # noqa: E402
 
 V = 128  # vocabulary of every test model
 WINDOW = 6  # Mistral's sliding window, well under the 48-token and 32-token sequences below

@@ -27,7 +27,7 @@ GGUF = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gg
 
 from lmforge.cli import run  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
-from lmforge.recipes.common import LoadedModel, load_model  # noqa: E402
+from lmforge.run import LoadedModel, load_model  # noqa: E402
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

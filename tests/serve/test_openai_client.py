@@ -18,7 +18,7 @@ import pytest
 from rich.control import strip_control_codes
 
 import lmforge
-from lmforge.recipes.api import LM
+from lmforge.api import LM
 from tests.serve import LMFORGE, Server, make_tiny_run
 
 openai = pytest.importorskip("openai")

@@ -24,6 +24,7 @@ import lmforge
 from lmforge import cli
 from lmforge.checkpoint import TrainState, load_model_weights, save_checkpoint
 from lmforge.config import UserError, from_dict, load_yaml
+from lmforge.data.classify import classify_ids, encoder_tokenizer
 from lmforge.models.encoder import EncoderConfig, EncoderForClassification
 from lmforge.recipes import finetune
 from lmforge.recipes.runs import run_status
@@ -97,10 +98,10 @@ CLS_ARGS = ["finetune", "--task", "classify", "--run", "hf-bert", "--data", "cls
 
 
 def test_hf_tokenizer_encodes_one_text_as_is(demo: Path) -> None:
-    tok = finetune.encoder_tokenizer(demo / "hf-bert" / "tokenizer.json")
-    ids = finetune.classify_ids(tok, "GOOD Module", 16)
+    tok = encoder_tokenizer(demo / "hf-bert" / "tokenizer.json")
+    ids = classify_ids(tok, "GOOD Module", 16)
     assert [tok.id_to_token(i) for i in ids] == ["[CLS]", "good", "module", "[SEP]"]  # no pads
-    long = finetune.classify_ids(tok, " ".join(["nice"] * 40), 16)
+    long = classify_ids(tok, " ".join(["nice"] * 40), 16)
     assert len(long) == 16 and tok.id_to_token(long[-1]) == "[SEP]"
 
 

@@ -122,3 +122,46 @@ def test_help_lists_the_new_command_and_sections(workdir: Path) -> None:
     help_text = cli.command_help("pretrain", importlib.import_module(cli.COMMANDS["pretrain"]))
     assert "--objective" in help_text and "--encoder.type_vocab_size" in help_text
     assert "--seq2seq.norm" in help_text and "--mlm.probability" in help_text
+
+
+def test_load_run_opens_every_kind_of_run(mlm_run: Path, seq2seq_run: Path, workdir: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One loader for every run the commands write: pretrain (clm, mlm, seq2seq) and
+    finetune --task classify (an import of a HF folder: tests/parity/test_hf_bert.py)."""
+    from lmforge.models.decoder import Decoder
+    from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
+    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.run import load_model, load_run
+
+    monkeypatch.chdir(workdir)
+    rows = [{"text": f"the module {w} value", "label": "pos" if i % 2 else "neg"}
+            for i, w in enumerate(["good", "bad"] * 10)]
+    (workdir / "kinds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    threads = torch.get_num_threads()
+    try:  # train.threads 1 would stay set in this process: give the others theirs back
+        assert cli.run(["pretrain", "--data", "prepared", "--run", "kinds-clm",
+                        "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "4",
+                        "--model.n_kv_head", "2", "--model.block_size", "32",
+                        "--train.max_steps", "2", "--train.batch_size", "2",
+                        "--train.eval_every", "2", "--train.save_every", "2",
+                        "--train.eval_tokens", "256", "--sample_tokens", "1",
+                        "--train.threads", "1", "--overwrite"]) == 0
+        assert cli.run(["finetune", "--task", "classify", "--run", str(mlm_run), "--data",
+                        "kinds.jsonl", "--method", "full", "--out", "kinds-cls",
+                        "--train.max_steps", "2", "--train.threads", "1",
+                        "--train.save_every", "2", "--overwrite"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    expect = {workdir / "runs" / "kinds-clm": ("decoder", Decoder),
+              mlm_run: ("encoder", EncoderForMaskedLM),
+              workdir / "runs" / "kinds-cls": ("classifier", EncoderForClassification),
+              seq2seq_run: ("seq2seq", Seq2Seq)}
+    for run, (kind, cls) in expect.items():
+        loaded = load_run(run)
+        assert loaded.kind == kind and type(loaded.model) is cls, run
+        assert not loaded.model.training and loaded.spec.step > 0
+    clf = load_run(workdir / "runs" / "kinds-cls").spec
+    assert clf.labels == ("neg", "pos") and clf.max_len == 64
+    assert load_run(seq2seq_run).spec.eos_id is not None
+    with pytest.raises(UserError, match="is an encoder run; this needs a decoder run"):
+        load_model(mlm_run)

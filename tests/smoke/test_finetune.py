@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import cli
-from lmforge.recipes.common import load_model
+from lmforge.run import load_model
 from tests.smoke.helpers import TINY_MODEL, assert_user_error, lmforge
 
 BASE = "ft-base"

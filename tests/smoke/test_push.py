@@ -11,8 +11,8 @@ import pytest
 from lmforge.cli import run
 from lmforge.config import UserError
 from lmforge.interop.card import CardInfo, model_card
-from lmforge.recipes.common import load_model
-from tests.smoke.helpers import TINY_MODEL, lmforge
+from lmforge.run import load_model
+from tests.smoke.helpers import TINY_MODEL, assert_user_error, lmforge
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,19 @@ def test_model_card_states_the_model_its_training_and_how_to_load_it(
     assert "- data: `prepared` (" in card and "train tokens" in card  # from its manifest
     assert "exported checkpoint: step 2" in card and "validation perplexity" in card
     assert "max |Δlogits| = 1.0e-06" in card and loading in card
+
+
+def test_export_out_is_a_folder_not_a_file(run_dir: Path, workdir: Path) -> None:
+    proc = lmforge("export", "--run", str(run_dir), "--format", "gguf", "--out", "model.gguf",
+                   cwd=workdir)
+    assert_user_error(proc, "model.gguf names a file", "--out model")
+    assert not (workdir / "model.gguf").exists()
+
+
+def test_export_write_failure_is_one_line(run_dir: Path, workdir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = lmforge("export", "--run", str(run_dir), "--format", "hf", "--out",
+                   str(blocker / "export"), cwd=workdir)
+    assert_user_error(proc, "cannot write the export", "choose a writable --out")
+    assert blocker.read_text() == "not a folder"

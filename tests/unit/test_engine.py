@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import lmforge
+from lmforge.api import LM, EncoderLM, load
 from lmforge.checkpoint import TrainState, save_checkpoint
 from lmforge.config import UserError, to_dict
 from lmforge.data.corpora import pydoc_topics_text
@@ -26,7 +27,6 @@ from lmforge.infer.engine import (
 from lmforge.infer.generate import generate
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
-from lmforge.recipes.api import LM, EncoderLM, load
 from tests.serve import make_tiny_run
 
 VOCAB = 61

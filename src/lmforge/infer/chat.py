@@ -229,3 +229,25 @@ def stop_token_ids(stop: tuple[str, ...], token_to_id: Any) -> tuple[int, ...]:
     """
     ids = (token_to_id(s) for s in stop)
     return tuple(i for i in ids if i is not None)
+
+
+def chat_setup(run_dir: Path, name: str | None, tok: Any,
+               eos_id: int | None) -> tuple[ChatTemplate, str]:
+    """The chat template (named, the run's own, else ChatML) and its end-of-turn string.
+
+    ``tok`` is the run's tokenizers.Tokenizer. Fine-tuning, ``lmforge data check`` and
+    ``lmforge eval`` all render chats through this, so they agree on the template.
+    """
+    eos = tok.id_to_token(eos_id) if eos_id is not None else ""
+    try:
+        template = load_chat_template(run_dir, name, eos or "")
+    except UserError as e:
+        if name or "has no chat template" not in str(e):
+            raise  # a broken template file is the user's to fix, not to paper over
+        template = load_chat_template(run_dir, "chatml", eos or "")
+    # template.stop comes with any template (a probe exchange is rendered through it)
+    end_of_turn = template.stop[0] if template.stop else template.eos_token
+    if not end_of_turn:
+        raise UserError(f"chat template {template.origin}: no end-of-turn string is known (no "
+                        "stop string, no eos_token); use --template chatml")
+    return template, end_of_turn

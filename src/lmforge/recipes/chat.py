@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmforge.api import load
 from lmforge.config import ConfigError
-from lmforge.recipes.api import load
 
 EXAMPLES = """
 lmforge chat --run runs/smollm2-instruct

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from lmforge.config import UserError
 from lmforge.data.check import check_sft, refusals
-from lmforge.recipes.common import load_model
-from lmforge.recipes.finetune import chat_setup
+from lmforge.infer.chat import chat_setup
+from lmforge.run import load_model
 
 POSITIONAL = ("data",)
 EXAMPLES = """

@@ -23,7 +23,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import ConfigError, UserError, load_yaml
+from lmforge.api import Classifier
+from lmforge.api import load as load_api
+from lmforge.config import ConfigError, UserError
+from lmforge.data.classify import classify_batch, classify_ids
 from lmforge.data.sft import (
     encode_conversation,
     eval_batches,
@@ -31,13 +34,12 @@ from lmforge.data.sft import (
     read_labeled,
     to_example,
 )
+from lmforge.eval.classify import class_metrics
 from lmforge.eval.generation import generation_metrics
 from lmforge.eval.lm import lm_loss
+from lmforge.infer.chat import chat_setup
 from lmforge.infer.generate import generate
-from lmforge.recipes.api import Classifier
-from lmforge.recipes.api import load as load_run
-from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
-from lmforge.recipes.finetune import chat_setup, class_metrics, classify_batch, classify_ids
+from lmforge.run import LoadedModel, load_model, read_run_spec
 
 EXAMPLES = """
 lmforge eval --run runs/chat-lora --data test.jsonl --baseline runs/shakespeare
@@ -168,19 +170,19 @@ def evaluate_run(run: str, path: Path, cfg: Config) -> dict[str, Any]:
     """Every metric of one run on ``path``; written to <run>/eval_<name>.json."""
     from lmforge.utils.io import atomic_write_json
 
-    run_dir, ckpt = find_run_dir(Path(run))
+    spec = read_run_spec(run)
     t0 = time.time()
-    if load_yaml(run_dir / "config.yaml").get("task") == "classify":
-        clf = load_run(run)
+    if spec.kind == "classifier":
+        clf = load_api(run)
         assert isinstance(clf, Classifier)
         metrics = class_eval(clf, path, cfg)
     else:
         loaded = load_model(run)
         metrics = (text_metrics(loaded, path, cfg) if _is_text(path)
                    else chat_metrics(loaded, path, cfg))
-    result = {"run": str(run_dir), "checkpoint": ckpt.name,
+    result = {"run": str(spec.run_dir), "checkpoint": spec.checkpoint.name,
               "data": str(path), "seconds": round(time.time() - t0, 1), **metrics}
-    atomic_write_json(run_dir / f"eval_{path.stem}.json", result)
+    atomic_write_json(spec.run_dir / f"eval_{path.stem}.json", result)
     return result
 
 

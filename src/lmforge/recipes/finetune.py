@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 import yaml
 from rich.console import Console
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 from torch import Tensor, nn
@@ -40,18 +39,18 @@ from lmforge.config import (
     OptimConfig,
     TrainConfig,
     UserError,
-    from_dict,
     load_yaml,
     to_dict,
 )
 from lmforge.data.check import CheckReport, check_sft, refusals
-from lmforge.data.mlm import CLS_TOKEN, PAD_TOKEN, SEP_TOKEN
+from lmforge.data.classify import Items, classify_batch, classify_ids, encoder_tokenizer
+from lmforge.data.mlm import PAD_TOKEN
 from lmforge.data.sft import SftBatches, eval_batches, read_labeled, to_example
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.eval.classify import class_metrics
 from lmforge.eval.lm import lm_loss, lm_metrics
-from lmforge.infer.chat import ChatTemplate, load_chat_template
-from lmforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, load_hf_encoder
-from lmforge.models.encoder import Encoder, EncoderConfig, EncoderForClassification
+from lmforge.infer.chat import ChatTemplate, chat_setup
+from lmforge.interop.hf import TOKENIZER_FILE
+from lmforge.models.encoder import EncoderForClassification
 from lmforge.models.lora import (
     LoraConfig,
     LoRALinear,
@@ -61,7 +60,14 @@ from lmforge.models.lora import (
     merge_lora,
 )
 from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
-from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
+from lmforge.run import (
+    ADAPTER_FILE,
+    ADAPTER_INFO,
+    SIDE_FILES,
+    load_classifier_base,
+    load_model,
+    write_run_files,
+)
 from lmforge.train.loop import LoopHooks, train
 from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
 from lmforge.train.optim import build_optimizer
@@ -72,8 +78,6 @@ from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
 
 Method = Literal["full", "lora", "qlora"]
-ADAPTER_FILE, ADAPTER_INFO = "adapter.safetensors", "adapter.json"
-SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 EXAMPLES = """
 lmforge finetune --run shakespeare --data chat.jsonl --method lora --out chat-lora
 lmforge finetune --run smollm2 --data qa.jsonl --method qlora --lora.rank 16 --out qa
@@ -143,24 +147,6 @@ class Config:
             raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
 
 
-def chat_setup(run_dir: Path, name: str | None, tok: Tokenizer,
-               eos_id: int | None) -> tuple[ChatTemplate, str]:
-    """The chat template (named, the run's own, else ChatML) and its end-of-turn string."""
-    eos = tok.id_to_token(eos_id) if eos_id is not None else ""
-    try:
-        template = load_chat_template(run_dir, name, eos or "")
-    except UserError as e:
-        if name or "has no chat template" not in str(e):
-            raise  # a broken template file is the user's to fix, not to paper over
-        template = load_chat_template(run_dir, "chatml", eos or "")
-    # template.stop comes with any template (infer.chat renders a probe exchange through it)
-    end_of_turn = template.stop[0] if template.stop else template.eos_token
-    if not end_of_turn:
-        raise UserError(f"chat template {template.origin}: no end-of-turn string is known (no "
-                        "stop string, no eos_token); use --template chatml")
-    return template, end_of_turn
-
-
 def checked_data(cfg: Config, tok: Tokenizer, template: ChatTemplate, eot: str,
                  max_len: int) -> CheckReport:
     """The data check; a bad row or a refusal is a UserError before anything is written."""
@@ -191,18 +177,6 @@ def plain_copy(model: nn.Module) -> nn.Module:
     if not any(isinstance(m, (LoRALinear, NF4Linear)) for m in model.modules()):
         return model
     return dequantize_nf4(merge_lora(copy.deepcopy(model)))
-
-
-def write_run_files(run_dir: Path, loaded: LoadedModel, template: ChatTemplate,
-                    extra: dict[str, Any]) -> None:
-    """config.yaml (model + eos_id + how it was made), tokenizer, chat template, side files."""
-    saved = {"model": to_dict(loaded.model.cfg), "eos_id": loaded.eos_id, **extra}
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    atomic_write_text(run_dir / "tokenizer.json", loaded.tokenizer.to_str())  # type: ignore[attr-defined]
-    atomic_write_text(run_dir / "chat_template.jinja", template.source)
-    for name in SIDE_FILES:
-        if (loaded.run_dir / name).is_file():
-            atomic_write_bytes(run_dir / name, (loaded.run_dir / name).read_bytes())
 
 
 def save_adapter(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
@@ -400,80 +374,6 @@ def chat_main(cfg: Config, console: Console) -> int:
 
 # --------------------------------------------------------------------------- --task classify
 
-Items = list[tuple[Tensor, int]]  # ([CLS] text [SEP] ids, label index) per row
-
-
-def load_encoder_classifier(run: str, num_labels: int) -> tuple[EncoderForClassification, Path]:
-    """An encoder's body under a fresh classification head; (model, folder of tokenizer.json).
-
-    ``run`` is an encoder run (or one of its checkpoints) or a Hugging Face BERT folder
-    (BertModel, BertForMaskedLM or BertForSequenceClassification, e.g. all-MiniLM-L6-v2).
-    """
-    path = Path(run)
-    if (path / CONFIG_FILE).is_file() and not (path / "config.yaml").is_file():
-        return _hf_classifier(path, num_labels), path
-    run_dir, ckpt = find_run_dir(path)
-    saved = load_yaml(run_dir / "config.yaml")
-    if not isinstance(saved.get("encoder"), dict):
-        raise UserError(f"{run_dir}: --task classify needs an encoder run "
-                        "(`lmforge pretrain --objective mlm`) or a Hugging Face BERT folder")
-    ecfg = from_dict(EncoderConfig, {**saved["encoder"], "num_labels": num_labels}, "encoder")
-    model = EncoderForClassification(ecfg)
-    body = {k: v for k, v in load_file(ckpt / "model.safetensors").items()
-            if k.startswith("bert.")}
-    missing, unexpected = model.load_state_dict(body, strict=False)
-    # The pooler and the classifier are new (an MLM run has neither); anything else must load.
-    lost = [k for k in missing if not k.startswith(("bert.pooler.", "classifier."))]
-    if lost or unexpected:
-        raise UserError(f"{ckpt}: does not fit the encoder config (missing {lost[:3]}, "
-                        f"unexpected {list(unexpected)[:3]})")
-    return model, run_dir
-
-
-def _hf_classifier(folder: Path, num_labels: int) -> EncoderForClassification:
-    if not (folder / TOKENIZER_FILE).is_file():
-        raise UserError(f"{folder}: has no {TOKENIZER_FILE}; write one with transformers: "
-                        "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
-    loaded, _ = load_hf_encoder(folder, torch.float32)
-    body = loaded if isinstance(loaded, Encoder) else loaded.bert
-    model = EncoderForClassification(replace(body.cfg, num_labels=num_labels))
-    missing, unexpected = model.bert.load_state_dict(body.state_dict(), strict=False)
-    # A masked-LM file has no pooler: it starts fresh, like the classifier.
-    assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
-    return model
-
-
-def encoder_tokenizer(path: Path) -> Tokenizer:
-    """An encoder's tokenizer.json, set to encode one text as it is: no padding, no truncation.
-
-    A Hugging Face BERT tokenizer.json may pad every text to a fixed length (all-MiniLM-L6-v2's
-    pads to 128 with [PAD]) and add [CLS]/[SEP] itself; we add them and pad per batch.
-    """
-    tok = load_tokenizer(path)
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
-def classify_ids(tok: Tokenizer, text: str, max_len: int) -> list[int]:
-    """``[CLS] text [SEP]`` ids, the text cut to fit ``max_len`` tokens (as in training)."""
-    cls, sep = tok.token_to_id(CLS_TOKEN), tok.token_to_id(SEP_TOKEN)
-    if cls is None or sep is None:
-        raise UserError("the encoder's tokenizer has no [CLS] or [SEP] token")
-    return [cls, *tok.encode(text, add_special_tokens=False).ids[: max_len - 2], sep]
-
-
-def classify_batch(items: Items, pad: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
-    """((ids (B, T), attention mask (B, T)), labels (B,)), right-padded to the longest row."""
-    width = max(len(x) for x, _ in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (x, _) in enumerate(items):
-        ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    return (ids, mask), torch.tensor([y for _, y in items])
-
-
 def _classify_batches(items: Items, batch_size: int, pad: int,
                       seed: int) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor]]:
     gen = torch.Generator().manual_seed(seed)
@@ -483,32 +383,6 @@ def _classify_batches(items: Items, batch_size: int, pad: int,
             yield classify_batch([items[i] for i in order[k: k + batch_size]], pad)
 
 
-def macro_f1(pred: Tensor, gold: Tensor, num_labels: int) -> float:
-    """Mean of the per-class F1 over the classes that occur in ``gold`` or ``pred``."""
-    conf = torch.zeros(num_labels, num_labels)  # (gold, predicted)
-    conf.index_put_((gold, pred), torch.ones(len(gold)), accumulate=True)
-    tp = conf.diag()
-    denom = conf.sum(0) + conf.sum(1)  # 2*tp + fp + fn
-    seen = denom > 0
-    return float((2 * tp[seen] / denom[seen]).mean())
-
-
-@torch.no_grad()
-def class_metrics(model: nn.Module, batches: list, prefix: str = "val") -> dict[str, float]:
-    """Mean cross-entropy, accuracy and macro-F1 over fixed batches."""
-    was = model.training
-    model.eval()
-    loss, preds, golds = 0.0, [], []
-    for x, y in batches:
-        logits = model(*x)  # (B, num_labels)
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(-1))
-        golds.append(y)
-    model.train(was)
-    pred, gold = torch.cat(preds), torch.cat(golds)
-    return {f"{prefix}_loss": loss / len(gold),
-            f"{prefix}_accuracy": float((pred == gold).float().mean()),
-            f"{prefix}_macro_f1": macro_f1(pred, gold, model.cfg.num_labels)}  # type: ignore[arg-type]
 
 
 def _read_items(path: str, cfg: Config, tok: Tokenizer, names: list[str] | None,
@@ -574,7 +448,7 @@ def classify_main(cfg: Config, console: Console) -> int:
         raise ConfigError("method: --task classify supports full and lora (the new head must "
                           "train in full precision)")
     names = sorted(set(read_labeled(cfg.data, cfg.text_field, cfg.label_field)[1]))
-    model, base_dir = load_encoder_classifier(cfg.run, len(names))
+    model, base_dir = load_classifier_base(cfg.run, len(names))
     tok = encoder_tokenizer(base_dir / TOKENIZER_FILE)
     max_len = min(cfg.max_len or model.cfg.block_size, model.cfg.block_size)
     train_items, val, test = _classify_splits(cfg, tok, names, max_len)

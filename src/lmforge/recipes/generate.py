@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from lmforge.config import ConfigError
-from lmforge.recipes.common import load_model, stream_text
+from lmforge.infer.text import stream_text
+from lmforge.run import load_model
 
 EXAMPLES = """
 lmforge generate --run runs/shakespeare --prompt "ROMEO."

@@ -21,8 +21,7 @@ from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import load_chat_template
 from lmforge.models.lora import apply_lora, load_adapter_state_dict, merge_lora
 from lmforge.models.quant import dequantize_nf4, quantize_nf4
-from lmforge.recipes.common import load_model
-from lmforge.recipes.finetune import ADAPTER_FILE, ADAPTER_INFO, write_run_files
+from lmforge.run import ADAPTER_FILE, ADAPTER_INFO, load_model, write_run_files
 from lmforge.utils.io import atomic_dir, atomic_write_json
 
 TOLERANCE = 1e-5

@@ -74,12 +74,13 @@ from lmforge.data.pairs import (
 from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer, vocab_size_of, with_special_tokens
 from lmforge.eval.lm import make_lm_evaluator
 from lmforge.infer.seq2seq_generate import generate_seq2seq
+from lmforge.infer.text import stream_text
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
 from lmforge.models.registry import Family, preset, preset_names
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.plan import TrainSettings
-from lmforge.recipes.common import LoadedModel, stream_text
+from lmforge.run import LoadedModel
 from lmforge.train.loop import LoopHooks, Runtime, train
 from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report

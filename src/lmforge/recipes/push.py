@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lmforge.config import ConfigError, UserError
-from lmforge.recipes import export
+from lmforge.export import ExportConfig, export_run
 
 EXAMPLES = """
 lmforge push --run runs/shakespeare --repo me/shakespeare-1m --dry-run
@@ -29,7 +29,7 @@ _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 @dataclass
-class Config(export.Config):
+class Config(ExportConfig):
     """Options of `lmforge push` (the export options, then where to push)."""
 
     out: str = ""
@@ -81,7 +81,7 @@ def upload(folder: Path, cfg: Config) -> str:
 def main(cfg: Config) -> int:
     """Export into --out, list the files, then upload them (unless --dry-run)."""
     console = Console(highlight=False)
-    export.export(cfg, console, repo=cfg.repo)
+    export_run(cfg, console, repo=cfg.repo)
     folder = Path(cfg.out)
     files = list_files(folder)
     total = sum(size for _, size in files)

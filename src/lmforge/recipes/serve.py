@@ -21,7 +21,7 @@ from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import ChatTemplate, load_chat_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.quant import quantize
-from lmforge.recipes.common import LoadedModel, load_model
+from lmforge.run import LoadedModel, load_model
 
 EXAMPLES = """
 lmforge serve --run runs/shakespeare

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmforge.checkpoint import load_model_weights, read_meta
-from lmforge.config import ConfigError, UserError, from_dict, load_yaml
+from lmforge.config import UserError
+from lmforge.data.classify import classify_batch, classify_ids
 from lmforge.data.mlm import PAD_TOKEN, MlmVocab
 from lmforge.infer.chat import ChatTemplate, load_chat_template, stop_token_ids
 from lmforge.infer.engine import Engine, SamplingParams
 from lmforge.infer.quant import quantize
-from lmforge.models.encoder import EncoderConfig, EncoderForClassification, EncoderForMaskedLM
-from lmforge.recipes.common import LoadedModel, find_run_dir, load_model
-from lmforge.recipes.finetune import classify_batch, classify_ids, encoder_tokenizer
+from lmforge.models.decoder import Decoder
+from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
+from lmforge.run import LoadedModel, load_run
 
 
 class LM:
@@ -260,41 +260,6 @@ class Classifier:
     embed = fill_mask
 
 
-def _encoder_cfg(run_dir: Path, saved: dict[str, Any]) -> EncoderConfig:
-    try:
-        return from_dict(EncoderConfig, saved.get("encoder", {}), "encoder")
-    except ConfigError as e:
-        raise UserError(f"{run_dir / 'config.yaml'}: {e}") from None
-
-
-def _load_encoder(run_dir: Path, ckpt: Path, saved: dict[str, Any], device: str) -> EncoderLM:
-    with torch.device("meta"):
-        model = EncoderForMaskedLM(_encoder_cfg(run_dir, saved))
-    model.to_empty(device=device)
-    model.init_weights()
-    load_model_weights(ckpt, model)
-    step = int(read_meta(ckpt).get("step", 0))
-    return EncoderLM(model.eval(), encoder_tokenizer(run_dir / "tokenizer.json"), run_dir, step)
-
-
-def _load_classifier(run_dir: Path, ckpt: Path, saved: dict[str, Any],
-                     device: str) -> Classifier:
-    cfg = _encoder_cfg(run_dir, saved)
-    labels = saved.get("labels")
-    if not isinstance(labels, list) or len(labels) != cfg.num_labels:
-        raise UserError(f"{run_dir / 'config.yaml'}: labels must list the {cfg.num_labels} "
-                        "label names")
-    with torch.device("meta"):
-        model = EncoderForClassification(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    load_model_weights(ckpt, model)
-    step = int(read_meta(ckpt).get("step", 0))
-    max_len = min(int(saved.get("max_len") or cfg.block_size), cfg.block_size)
-    return Classifier(model.eval(), encoder_tokenizer(run_dir / "tokenizer.json"), run_dir, step,
-                      [str(x) for x in labels], max_len)
-
-
 def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
          max_batch: int = 4, max_len: int | None = None,
          quant: str | None = None) -> LM | EncoderLM | Classifier:
@@ -307,17 +272,18 @@ def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
     model's context; lower it for long-context models, the KV cache is preallocated).
     ``quant`` ("int8", "int8-dynamic", "int4") quantizes a decoder's linear layers (CPU).
     """
-    run_dir, ckpt = find_run_dir(Path(run))
-    saved = load_yaml(run_dir / "config.yaml")
-    if saved.get("task") == "classify":
-        return _load_classifier(run_dir, ckpt, saved, device)
-    objective = saved.get("objective", "clm")
-    if objective == "mlm":
-        return _load_encoder(run_dir, ckpt, saved, device)
-    if objective != "clm":
-        raise UserError(f"{run_dir}: lmforge.load reads decoder (clm) and encoder (mlm) runs; "
-                        f"this one is {objective!r}")
-    loaded = load_model(run, device=device)
+    loaded = load_run(run, device=device)
+    spec, model, tok = loaded.spec, loaded.model, loaded.tokenizer
+    if isinstance(model, EncoderForClassification):
+        return Classifier(model, tok, spec.run_dir, spec.step, list(spec.labels),
+                          spec.max_len or model.cfg.block_size)
+    if isinstance(model, EncoderForMaskedLM):
+        return EncoderLM(model, tok, spec.run_dir, spec.step)
+    if not isinstance(model, Decoder):
+        raise UserError(f"{spec.run_dir}: lmforge.load reads decoder (clm), encoder (mlm) and "
+                        f"classifier runs; this one is {spec.kind}")
     if quant is not None:
-        quantize(loaded.model, quant)
-    return LM(loaded, template=template, max_batch=max_batch, max_len=max_len)
+        quantize(model, quant)
+    lm = LoadedModel(model, tok, spec.run_dir, spec.checkpoint, spec.step, spec.eos_id,
+                     spec.bos_id, list(spec.eos_ids))
+    return LM(lm, template=template, max_batch=max_batch, max_len=max_len)

@@ -1,0 +1,277 @@
+"""Export a run's model as a Hugging Face folder, a llama.cpp GGUF file or an ONNX graph.
+
+The library behind `lmforge export` and `lmforge push` (thin recipes over ``export_run``; the
+formats are described in the export recipe's help). Every export is written under a temporary
+name, read back by a reader we did not write and compared in fp32 against lmforge's logits,
+given a model card (README.md), and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+
+from lmforge.config import ConfigError, UserError
+from lmforge.data.mlm import PAD_TOKEN
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.interop import gguf, onnx
+from lmforge.interop.card import CARD_FILE, CardInfo, model_card
+from lmforge.interop.hf import (
+    TOKENIZER_SIDE_FILES,
+    bert_load_back_check,
+    load_back_check,
+    read_json,
+    write_hf_encoder_folder,
+    write_hf_folder,
+)
+from lmforge.models.decoder import Decoder
+from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
+from lmforge.run import LoadedModel, RunSpec, build_model, load_model, read_run_spec
+from lmforge.utils.io import atomic_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Default --tolerance: fp32 formats must agree to rounding; the others are lossy, and their
+# limits are ~5-10x the largest max |Δlogits| measured on random tiny models, llama-1m trained
+# on Shakespeare and SmolLM2-135M (README, "lmforge export"; tests/parity/test_gguf.py).
+TOLERANCES = {"hf": 1e-4, "onnx": 1e-4, "gguf.f32": 1e-4, "gguf.f16": 0.25, "gguf.bf16": 1.5,
+              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0}
+# Text whose token ids must survive the GGUF round trip (digits, spaces, newlines, accents).
+TOKENIZER_PROBE = ("Hello world! It's 2024: the café's 3 cats cost 12.50 each.\n\n"
+                   "    indented line\tand a tab; ünïcödé, 東京, emoji 🙂.")
+
+
+# A suffix that says the user meant a file, where --out is a folder (the export is several files).
+FILE_SUFFIXES = (".gguf", ".onnx", ".safetensors", ".bin")
+
+
+@dataclass
+class ExportConfig:
+    """Options of `lmforge export`."""
+
+    run: str = "runs/shakespeare"
+    """A run folder (uses its latest checkpoint) or one checkpoint folder."""
+    format: Literal["hf", "gguf", "onnx"] = "hf"
+    """Output format: hf = a Hugging Face transformers folder, gguf = a llama.cpp file, onnx = an ONNX graph for onnxruntime."""
+    out: str = ""
+    """Folder to create, e.g. exports/NAME (a folder even for gguf: the .gguf file and its README.md model card go inside)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """hf only: precision of the written weights (gguf: --gguf_type; onnx is fp32)."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16"
+    """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0)."""
+    kv_cache: bool = False
+    """onnx only: add past_key_values.N.key/value inputs and present.N.key/value outputs."""
+    tolerance: float | None = None
+    """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30)."""
+    overwrite: bool = False
+    """Replace --out if it exists."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out: missing; say where the export goes, e.g. --out exports/NAME")
+        if Path(self.out).suffix.lower() in FILE_SUFFIXES:
+            raise ConfigError(f"out: {self.out} names a file, but --out is the folder the export "
+                              "is written into (with its model card); use e.g. "
+                              f"--out {Path(self.out).with_suffix('')}")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ConfigError(f"tolerance: must be > 0, got {self.tolerance}")
+        if self.format != "hf" and self.dtype != "float32":
+            hint = "--gguf_type" if self.format == "gguf" else "nothing: onnx is fp32"
+            raise ConfigError(f"dtype: applies to --format hf only; for {self.format} use {hint}")
+
+    @property
+    def limit(self) -> float:
+        """The load-back tolerance in force."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return TOLERANCES[f"gguf.{self.gguf_type}" if self.format == "gguf" else self.format]
+
+
+@dataclass
+class Exported:
+    """What an exporter reports back: its check and the facts the model card states."""
+
+    diff: float
+    reader: str  # who read the export back, e.g. "transformers"
+    detail: str  # what it ran, e.g. "LlamaForCausalLM"
+    precision: str
+    extra: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed after the check line
+
+
+def _copy_tokenizer(run_dir: Path, out: Path) -> None:
+    shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
+    for name in TOKENIZER_SIDE_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+
+
+def export_hf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
+    """Write a Hugging Face folder into ``out`` and check it against transformers."""
+    dtype = DTYPES[cfg.dtype]
+    arch = write_hf_folder(loaded.model, loaded.run_dir, out, bos_id=loaded.bos_id,
+                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids)
+    diff = load_back_check(loaded.model, out, dtype)
+    return Exported(diff, "transformers", arch, cfg.dtype, {"architecture": arch})
+
+
+def _chat_template(run_dir: Path) -> str | None:
+    """The run's chat template: chat_template.jinja, else tokenizer_config.json's entry (the
+    places `lmforge import` keeps it and `lmforge chat` reads it)."""
+    if (run_dir / "chat_template.jinja").is_file():
+        return (run_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    side = run_dir / "tokenizer_config.json"
+    value = read_json(side).get("chat_template") if side.is_file() else None
+    return value if isinstance(value, str) else None
+
+
+def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
+    """Write one .gguf file into ``out``; read it back with gguf's reader and our importer."""
+    model, run_dir = loaded.model.float(), loaded.run_dir
+    name = run_dir.resolve().name
+    ggml_type = gguf.TYPES[cfg.gguf_type][0]
+    path = out / f"{name}.{ggml_type}.gguf"
+    meta = gguf.GGUFMeta(name, run_dir / "tokenizer.json", loaded.bos_id, loaded.eos_id,
+                         _chat_template(run_dir))
+    counts = gguf.write_gguf(model, path, cfg.gguf_type, meta)
+    check = gguf.load_back_check(model, path)
+    probe = TOKENIZER_PROBE + "".join(_special_tokens(loaded))
+    mismatch = gguf.tokenizer_round_trip(check.file, run_dir / "tokenizer.json", probe)
+    if mismatch:
+        raise UserError(f"{cfg.out}: the tokenizer does not survive the GGUF round trip "
+                        f"({mismatch}); nothing was written (please report this)")
+    types = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    return Exported(
+        check.max_diff, "the gguf reader", "tensors dequantized by lmforge's GGUF import",
+        f"{ggml_type} ({types} tensors)",
+        {"chat template": "yes" if meta.chat_template else "none",
+         "same top-1 token as the fp32 model": f"{check.top1:.1%} of the check positions"},
+        [f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB; the same top-1 token as the "
+         f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical"])
+
+
+def _special_tokens(loaded: LoadedModel) -> list[str]:
+    tok: Any = loaded.tokenizer
+    return [t.content for t in tok.get_added_tokens_decoder().values()]
+
+
+def export_onnx(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
+    """Write model.onnx (+ tokenizer) into ``out``; run it in onnxruntime on two shapes."""
+    model: Decoder = loaded.model.float()
+    seconds = onnx.export_onnx(model, out / "model.onnx", cfg.kv_cache)
+    diff, runs = onnx.load_back_check(model, out / "model.onnx", cfg.kv_cache)
+    _copy_tokenizer(loaded.run_dir, out)
+    inputs, outputs = onnx.io_names(model.cfg.n_layer, cfg.kv_cache)
+    axes = "batch, sequence" + (", past_sequence" if cfg.kv_cache else "")
+    return Exported(diff, "onnxruntime", f"batch x sequence {', '.join(runs)}", "float32",
+                    {"inputs": _names(inputs), "outputs": _names(outputs), "dynamic axes": axes},
+                    [f"exported with torch.onnx (dynamo) in {seconds:.1f} s"])
+
+
+def _names(names: list[str]) -> str:
+    """'a' or 'a, b, ... (n in all)': the graph's inputs or outputs, for the card."""
+    return names[0] if len(names) == 1 else f"{names[0]}, {names[1]}, ... ({len(names)} in all)"
+
+
+def _exporters() -> dict[str, Callable[[LoadedModel, Path, ExportConfig], Exported]]:
+    # One function per --format; a new format is one more entry (and one more Literal value).
+    return {"hf": export_hf, "gguf": export_gguf, "onnx": export_onnx}
+
+
+def write_export(loaded: LoadedModel, out: Path, cfg: ExportConfig, console: Console,
+                 repo: str | None = None) -> None:
+    """Export into the (temporary) folder ``out``, check it, then write the model card."""
+    params = loaded.model.num_params()  # before an exporter changes the model's dtype
+    t0 = time.perf_counter()
+    done = _exporters()[cfg.format](loaded, out, cfg)
+    console.print(f"load-back check ({done.reader}: {done.detail}; fp32): max |Δlogits| = "
+                  f"{done.diff:.2e} (tolerance {cfg.limit:g}; export and check took "
+                  f"{time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
+    for note in done.notes:
+        console.print(note, markup=False, soft_wrap=True)
+    if not done.diff <= cfg.limit:  # also catches NaN
+        raise UserError(f"{cfg.out}: {done.reader}'s logits differ from lmforge's "
+                        f"by {done.diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+    files = sorted([*(p.name for p in out.iterdir()), CARD_FILE])
+    check = (f"max |Δlogits| = {done.diff:.2e} against lmforge in fp32, read back by "
+             f"{done.reader} ({done.detail})")
+    info = CardInfo(loaded.run_dir, loaded.checkpoint, loaded.model.cfg, params, cfg.format,
+                    done.precision, check, files, repo, loaded.eos_id, done.extra)
+    (out / CARD_FILE).write_text(model_card(info), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- encoder runs
+
+
+def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
+    """A BERT run -> a BertForMaskedLM / BertForSequenceClassification folder, checked against
+    transformers on padded two-segment inputs."""
+    if cfg.format != "hf":
+        raise UserError(f"{cfg.run}: an encoder run exports only as --format hf, "
+                        f"not {cfg.format}")
+    model = build_model(spec)
+    assert isinstance(model, EncoderForMaskedLM | EncoderForClassification)
+    labels = list(spec.labels) or None
+    pad_id = load_tokenizer(spec.tokenizer).token_to_id(PAD_TOKEN)
+    dtype = DTYPES[cfg.dtype]
+    t0 = time.perf_counter()
+    with _writing(cfg) as tmp:
+        arch = write_hf_encoder_folder(model, spec.run_dir, tmp, pad_id=pad_id, labels=labels,
+                                       dtype=dtype)
+        diff = bert_load_back_check(model, tmp, dtype)
+        console.print(f"load-back check (transformers: {arch}; fp32, padded, two segments): "
+                      f"max |Δlogits| = {diff:.2e} (tolerance {cfg.limit:g}; export and check "
+                      f"took {time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
+        if not diff <= cfg.limit:  # also catches NaN
+            raise UserError(f"{cfg.out}: transformers' logits differ from lmforge's by "
+                            f"{diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+
+
+@contextmanager
+def _writing(cfg: ExportConfig) -> Iterator[Path]:
+    """A temporary folder renamed to --out on success; a failed write (read-only or full disk)
+    is one UserError naming --out, with nothing left behind."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or another --out")
+    try:
+        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+            yield tmp
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the export there ({e.strerror or e}); "
+                        "choose a writable --out") from None
+
+
+def export_decoder(spec: RunSpec, cfg: ExportConfig, console: Console,
+                   repo: str | None = None) -> LoadedModel:
+    """Load the decoder, write the export under a temporary name, check it, rename it into place.
+
+    ``repo`` (a Hub name, from `lmforge push`) goes into the model card's loading snippets.
+    """
+    loaded = load_model(spec.checkpoint)
+    # LoRA hook: a run holding an adapter already holds the merged weights too (finetune
+    # saves both), so every format below stores plain dense weights.
+    with _writing(cfg) as tmp:
+        write_export(loaded, tmp, cfg, console, repo)
+    return loaded
+
+
+def export_run(cfg: ExportConfig, console: Console, repo: str | None = None) -> Path:
+    """Export the run (any kind that has an exporter) as ``cfg.format`` into ``cfg.out``;
+    the checkpoint that was exported."""
+    spec = read_run_spec(cfg.run)
+    if spec.kind in ("encoder", "classifier"):
+        export_encoder(spec, cfg, console)
+    elif spec.kind == "decoder":
+        export_decoder(spec, cfg, console, repo)
+    else:
+        raise UserError(f"{cfg.run}: a {spec.kind} run cannot be exported yet (decoders: hf, "
+                        "gguf, onnx; encoders: hf)")
+    return spec.checkpoint

@@ -1,0 +1,75 @@
+"""lmforge.run: a run folder becomes a model one way, in the dtype asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmforge.checkpoint import TrainState, save_checkpoint
+from lmforge.config import UserError, to_dict
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.run import load_model, load_run, read_run_spec
+from tests.serve import make_tiny_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("run"), block_size=64)
+
+
+def _default_init_run(tiny_run: Path, root: Path) -> Path:
+    """tiny_run's tokenizer with a 4-layer Llama at the default init (std 0.02)."""
+    cfg = DecoderConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_kv_head=2,
+                        n_embd=64)
+    model = Decoder(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    run = root / "default-init"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg)}))
+    (run / "tokenizer.json").write_bytes((tiny_run / "tokenizer.json").read_bytes())
+    save_checkpoint(run, TrainState(step=3), model, None)
+    return run
+
+
+def test_bf16_load_on_cpu_is_close_to_fp32(tiny_run: Path, tmp_path: Path) -> None:
+    run = _default_init_run(tiny_run, tmp_path)
+    fp32, bf16 = load_run(run), load_run(run, dtype=torch.bfloat16)
+    assert bf16.kind == "decoder" and not bf16.model.training
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert bf16.model.rope_cos.dtype == torch.float32  # angles are not rounded to bf16
+    x = torch.randint(0, fp32.model.cfg.vocab_size, (2, 48),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = fp32.model(x), bf16.model(x)
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: ~2^-8 relative per rounding, a few layers deep.
+    diff = (got.float() - want).abs().max()
+    print(f"bf16 vs fp32: max |Δlogits| {diff:.2e} of max |logit| {want.abs().max():.2e}")
+    assert diff <= 0.02 * want.abs().max()
+    assert bool((got.float().argmax(-1) == want.argmax(-1)).float().mean() > 0.9)
+
+
+def test_spec_reads_the_config_once(tiny_run: Path) -> None:
+    spec = read_run_spec(tiny_run)
+    assert spec.kind == "decoder" and spec.step == 1 and spec.eos_id == 0
+    assert spec.tokenizer == tiny_run / "tokenizer.json"
+    assert load_model(spec.checkpoint).step == 1  # a checkpoint folder works too
+
+
+def test_bad_configs_are_one_line(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("tokenizer.json", "checkpoints", "latest"):
+        src = tiny_run / name
+        (run / name).symlink_to(src.resolve(), target_is_directory=src.is_dir())
+    saved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cases = [({**saved, "objective": "dpo"}, "objective 'dpo'"),
+             ({**saved, "eos_id": "x"}, "eos_id must be a token id"),
+             ({"objective": "mlm"}, "has no encoder section")]
+    for config, needle in cases:
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        with pytest.raises(UserError, match=needle):
+            load_run(run)
