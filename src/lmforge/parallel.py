@@ -47,12 +47,22 @@ if TYPE_CHECKING:
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated transformer blocks: every lmforge model exposes them as ``.blocks``."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no .blocks ModuleList to wrap")
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the members of the model's ModuleLists (a decoder's
+    ``blocks``, an encoder's ``layer``, an encoder-decoder's two ``layers``), outermost only."""
+    blocks: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(
+                name.startswith(f"{inner}.") for inner in _names(model, blocks)):
+            blocks.extend(module)
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no ModuleList of blocks to wrap")
     return blocks
+
+
+def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    wanted = {id(m) for m in modules}
+    return [n for n, m in model.named_modules() if id(m) in wanted]
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.recipes.common import load_model  # noqa: E402
+from lmforge.run import load_model  # noqa: E402
 
 from lmforge.cli import run  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402

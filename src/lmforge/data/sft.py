@@ -241,6 +241,12 @@ def _pad_packed(rows: list[Packed], pad_id: int) -> tuple[tuple[Tensor, Tensor],
     return (xs, segments), ys
 
 
+def rank_share(rows: list[Any], rank: int, world_size: int) -> list[Any]:
+    """This rank's contiguous share of a global batch (sizes differ by at most one row)."""
+    n = len(rows)
+    return rows[rank * n // world_size: (rank + 1) * n // world_size]
+
+
 class SftBatches:
     """Endless (x, y) batches over encoded examples, reshuffled every epoch with a seeded generator.
 
@@ -250,11 +256,13 @@ class SftBatches:
     """
 
     def __init__(self, examples: list[tuple[Tensor, Tensor]], batch_size: int, seq_len: int,
-                 pad_id: int, seed: int, pack: bool = False, group_by_length: bool = False) -> None:
+                 pad_id: int, seed: int, pack: bool = False, group_by_length: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
         if not examples:
             raise UserError("no training examples left after checks")
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.pad_id, self.pack, self.group = pad_id, pack, group_by_length
+        self.rank, self.world_size = rank, world_size
         self.gen = torch.Generator().manual_seed(seed)
         self._it: Iterator[tuple[Any, Tensor]] = iter(())
 
@@ -267,9 +275,14 @@ class SftBatches:
             window = self.batch_size * 64
             items = [e for k in range(0, len(items), window)
                      for e in sorted(items[k: k + window], key=lambda e: len(e[0]))]
-        batches = [items[k: k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+        # Every rank cuts the same global batches of batch_size * world_size rows from the same
+        # seeded order and keeps its share: one process sees exactly the rows of all ranks.
+        size = self.batch_size * self.world_size
+        batches = [items[k: k + size] for k in range(0, len(items), size)]
+        batches = [b for b in batches if len(b) >= self.world_size]  # a row for every rank
         for b in torch.randperm(len(batches), generator=self.gen).tolist():
-            yield (_pad_packed if self.pack else _pad)(batches[b], self.pad_id)
+            mine = rank_share(batches[b], self.rank, self.world_size)
+            yield (_pad_packed if self.pack else _pad)(mine, self.pad_id)
 
     def __iter__(self) -> SftBatches:
         return self

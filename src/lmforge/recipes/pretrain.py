@@ -15,7 +15,6 @@ tokens with fixed masks. seq2seq: teacher-forced source -> target on a pairs fol
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -81,10 +80,11 @@ from lmforge.models.registry import Family, preset, preset_names
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.plan import TrainSettings
 from lmforge.run import LoadedModel
-from lmforge.train.loop import LoopHooks, Runtime, train
+from lmforge.train.loop import LoopHooks
 from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report
 from lmforge.train.schedule import resolved
+from lmforge.train.session import run_training
 from lmforge.train.setup import (
     Setup,
     data_ranks,
@@ -95,10 +95,10 @@ from lmforge.train.setup import (
 )
 from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
 from lmforge.utils.io import atomic_write_json, atomic_write_text
-from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
+from lmforge.utils.logging import read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
-from lmforge.utils.trackers import check_trackers, make_trackers
+from lmforge.utils.trackers import check_trackers
 
 Objective = Literal["clm", "mlm", "seq2seq"]
 OBJECTIVES: tuple[Objective, ...] = ("clm", "mlm", "seq2seq")
@@ -611,24 +611,14 @@ def _main(cfg: Config, info: DistInfo) -> int:
         atomic_write_text(run_dir / "tokenizer.json", task.tokenizer.to_str())
     console.print(f"[bold]{cfg.run}[/]: {task.describe}"
                   + (f"; {strategy} over {info.world_size} processes" if info.distributed else ""))
-    rt = Runtime(dist=info, tp=cfg.dist.tp, scaler=setup.scaler,
-                 flops_per_token=task.flops_per_token,
-                 peak_flops=cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else None)
     t0 = time.time()
     start_tokens = state.tokens
     try:
-        trackers = (make_trackers(cfg.train.trackers, run_dir, cfg.run, saved_config(cfg))
-                    if info.is_main else [])
-        rt.profiler = _profiler(run_dir) if cfg.train.profile and info.is_main else None
-        with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
-                       start_step=state.step, enabled=info.is_main, trackers=trackers) as log, \
-                rt.profiler or contextlib.nullcontext():
-            state = train(setup.model, setup.optimizer, task.batches, task.loss_fn, cfg.train,
-                          cfg.optim, state, log,
-                          LoopHooks(task.evaluate,
-                                    functools.partial(_save, cfg, task, setup, run_dir)), rt)
-        if rt.profiler is not None:
-            _profile_report(run_dir, console)
+        hooks = LoopHooks(task.evaluate, functools.partial(_save, cfg, task, setup, run_dir))
+        state = run_training(setup, task.batches, task.loss_fn, cfg.train, cfg.optim, state, hooks,
+                             run_dir=run_dir, name=cfg.run, console=console,
+                             config=saved_config(cfg), tp=cfg.dist.tp,
+                             flops_per_token=task.flops_per_token)
     except torch.OutOfMemoryError:
         _explain_oom(cfg, info, console)
         raise UserError("CUDA out of memory; see the breakdown and settings above") from None
@@ -676,33 +666,3 @@ def _explain_oom(cfg: Config, info: DistInfo, console: Console) -> None:
     total = torch.cuda.get_device_properties(info.device).total_memory
     for line in oom_report(cfg.model, settings, total):
         console.print(line, markup=False)
-
-
-def _profiler(run_dir: Path) -> torch.profiler.profile:
-    """Skip 1 step, warm up 1, record 3: steps 3-5 (the first steps pay one-off costs)."""
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    write_trace = tensorboard_trace_handler(str(run_dir / "profile"))
-
-    def on_ready(prof: torch.profiler.profile) -> None:
-        # the recorded events are only available here, before the profiler moves on
-        write_trace(prof)
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=15)
-        atomic_write_text(run_dir / "profile" / "top_ops.txt", table + "\n")
-
-    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3),
-                   on_trace_ready=on_ready)
-
-
-def _profile_report(run_dir: Path, console: Console) -> None:
-    """Print the operators that took the most time in the profiled steps."""
-    top = run_dir / "profile" / "top_ops.txt"
-    if not top.is_file():
-        console.print("profile: the run had fewer than 5 steps, nothing was recorded")
-        return
-    console.print(top.read_text(), markup=False, highlight=False)
-    console.print(f"profile trace: {run_dir / 'profile'} (tensorboard --logdir, or ui.perfetto.dev)")
