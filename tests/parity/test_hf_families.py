@@ -20,10 +20,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.run import load_model  # noqa: E402
-
 from lmforge.cli import run  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402
+from lmforge.run import load_model  # noqa: E402
 from tests.parity.test_hf_decoder import (  # noqa: E402
     TOL,
     V,

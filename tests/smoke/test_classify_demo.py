@@ -26,8 +26,8 @@ from lmforge.checkpoint import TrainState, load_model_weights, save_checkpoint
 from lmforge.config import UserError, from_dict, load_yaml
 from lmforge.data.classify import classify_ids, encoder_tokenizer
 from lmforge.models.encoder import EncoderConfig, EncoderForClassification
-from lmforge.recipes import finetune
 from lmforge.recipes.runs import run_status
+from lmforge.train import finetune
 from tests.smoke.helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,10 @@ def macro_f1(pred: Tensor, gold: Tensor, num_labels: int) -> float:
 
 
 @torch.no_grad()
-def class_metrics(model: nn.Module, batches: list, prefix: str = "val") -> dict[str, float]:
-    """Mean cross-entropy, accuracy and macro-F1 over fixed batches."""
+def class_metrics(model: nn.Module, batches: list, prefix: str = "val",
+                  num_labels: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 over fixed batches (``num_labels``: default
+    the model's, for a model wrapped by DDP say it)."""
     was = model.training
     model.eval()
     loss, preds, golds = 0.0, [], []
@@ -31,4 +33,4 @@ def class_metrics(model: nn.Module, batches: list, prefix: str = "val") -> dict[
     pred, gold = torch.cat(preds), torch.cat(golds)
     return {f"{prefix}_loss": loss / len(gold),
             f"{prefix}_accuracy": float((pred == gold).float().mean()),
-            f"{prefix}_macro_f1": macro_f1(pred, gold, model.cfg.num_labels)}  # type: ignore[arg-type]
+            f"{prefix}_macro_f1": macro_f1(pred, gold, num_labels or model.cfg.num_labels)}

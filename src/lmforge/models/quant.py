@@ -61,6 +61,17 @@ class NF4Linear(nn.Module):
         self.bias = (nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
                      if linear.bias is not None else None)
 
+    @torch.no_grad()
+    def load_weight(self, weight: Tensor) -> None:
+        """Quantize a full-precision weight (out, in) into this layer's codes, in place: a base
+        model loads layer by layer straight into NF4 (the training setup's ``fill``)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for an NF4 layer of "
+                             f"{(self.out_features, self.in_features)}")
+        packed, absmax = nf4_quantize(weight.to(self.codes.device))
+        self.codes.copy_(packed)
+        self.absmax.copy_(absmax)
+
     def dequantize(self) -> Tensor:
         """The full-precision weight (out, in) this layer stands for."""
         return nf4_dequantize(self.codes, self.absmax,

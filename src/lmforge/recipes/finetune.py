@@ -17,11 +17,10 @@ data position), so it ends bit-identical to a run that was never stopped.
 
 from __future__ import annotations
 
-import copy
-import hashlib
+import functools
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,9 +32,10 @@ from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from lmforge.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.checkpoint import TrainState, checkpoint_weights, latest_checkpoint
 from lmforge.config import (
     ConfigError,
+    DistConfig,
     OptimConfig,
     TrainConfig,
     UserError,
@@ -45,45 +45,60 @@ from lmforge.config import (
 from lmforge.data.check import CheckReport, check_sft, refusals
 from lmforge.data.classify import Items, classify_batch, classify_ids, encoder_tokenizer
 from lmforge.data.mlm import PAD_TOKEN
-from lmforge.data.sft import SftBatches, eval_batches, read_labeled, to_example
+from lmforge.data.sft import SftBatches, eval_batches, rank_share, read_labeled, to_example
+from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.classify import class_metrics
 from lmforge.eval.lm import lm_loss, lm_metrics
 from lmforge.infer.chat import ChatTemplate, chat_setup
 from lmforge.interop.hf import TOKENIZER_FILE
+from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification
-from lmforge.models.lora import (
-    LoraConfig,
-    LoRALinear,
-    adapter_state_dict,
-    apply_lora,
-    lora_info,
-    merge_lora,
-)
-from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
+from lmforge.models.lora import LoraConfig, adapter_state_dict, lora_info
 from lmforge.run import (
     ADAPTER_FILE,
     ADAPTER_INFO,
     SIDE_FILES,
+    LoadedModel,
     load_classifier_base,
-    load_model,
+    read_run_spec,
     write_run_files,
 )
-from lmforge.train.loop import LoopHooks, train
+from lmforge.train.finetune import (
+    Method,
+    adapt,
+    adapted_builder,
+    data_digest,
+    replay,
+    restore,
+    save_final,
+    save_resumable,
+)
+from lmforge.train.loop import LoopHooks
 from lmforge.train.losses import causal_lm_loss, packed_lm_loss, token_loss
-from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import resolved
+from lmforge.train.session import run_training
+from lmforge.train.setup import (
+    Setup,
+    data_ranks,
+    gather_full,
+    resolve_strategy,
+    setup_training,
+)
+from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmforge.utils.logging import RunLogger, read_metrics, truncate_metrics
+from lmforge.utils.logging import read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
 from lmforge.utils.seed import seed_everything
+from lmforge.utils.trackers import check_trackers
 
-Method = Literal["full", "lora", "qlora"]
 EXAMPLES = """
 lmforge finetune --run shakespeare --data chat.jsonl --method lora --out chat-lora
 lmforge finetune --run smollm2 --data qa.jsonl --method qlora --lora.rank 16 --out qa
 lmforge finetune --run shakespeare --data pc.jsonl --method full --train.max_steps 300 --out pc
 lmforge finetune --task classify --run runs/bert --data reviews.jsonl --method full --out senti
 lmforge finetune --run smollm2 --data qa.jsonl --out qa --resume   # continue after a stop
+torchrun --nproc_per_node 2 -m lmforge.cli finetune --run smollm2 --data qa.jsonl --out qa \\
+    --dist.strategy fsdp                      # LoRA over a base sharded across 2 processes
 """
 
 
@@ -129,6 +144,8 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=100, batch_size=8, eval_every=50, save_every=100, trackers=[]))
     """Training loop."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Device, and several processes through torchrun: DDP, or FSDP2 with the (frozen) base sharded."""
     overwrite: bool = False
     """Delete an existing run of the same name and start over."""
     resume: bool = False
@@ -145,6 +162,17 @@ class Config:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
+        if self.train.seq_len is not None:
+            raise ConfigError("train.seq_len: fine-tuning cuts examples at --max_len; use that")
+        if self.train.eval_tokens != TrainConfig.eval_tokens:
+            raise ConfigError("train.eval_tokens: fine-tuning evaluates every held-out example "
+                              "(--val_fraction, --val_data); leave it unset")
+        if self.dist.tp > 1:
+            raise ConfigError("dist.tp: tensor parallelism is for pretraining; fine-tune with "
+                              "--dist.strategy ddp or fsdp")
+        if self.method == "qlora" and self.dist.strategy == "fsdp":
+            raise ConfigError("method qlora: its NF4 base is stored in buffers FSDP does not "
+                              "shard; use --dist.strategy ddp, or --method lora under FSDP")
 
 
 def checked_data(cfg: Config, tok: Tokenizer, template: ChatTemplate, eot: str,
@@ -158,25 +186,6 @@ def checked_data(cfg: Config, tok: Tokenizer, template: ChatTemplate, eot: str,
     if reasons:
         raise UserError("; ".join(reasons))
     return report
-
-
-def prepare_model(model: nn.Module, cfg: Config) -> list[str]:
-    """Make the right parameters trainable for the method; return the adapted layer names."""
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return []
-    if cfg.method == "qlora":
-        quantize_nf4(model)  # the frozen base is stored in 4 bits; adapters stay fp32
-    lc = cfg.lora
-    return apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets)
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """The weights a run folder holds: a merged, dequantized copy of a (Q)LoRA model, else it."""
-    if not any(isinstance(m, (LoRALinear, NF4Linear)) for m in model.modules()):
-        return model
-    return dequantize_nf4(merge_lora(copy.deepcopy(model)))
 
 
 def save_adapter(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
@@ -196,9 +205,9 @@ def _split(report: CheckReport, max_len: int, val_fraction: float,
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def with_length(cfg: Config, examples: int) -> Config:
+def with_length(cfg: Config, examples: int, ranks: int) -> Config:
     """cfg with --train.epochs / --optim.warmup_ratio resolved over ``examples`` train rows."""
-    per_epoch = examples / (cfg.train.batch_size * cfg.train.grad_accum)
+    per_epoch = examples / (cfg.train.batch_size * cfg.train.grad_accum * ranks)
     train_cfg, optim_cfg = resolved(cfg.train, cfg.optim, per_epoch)
     return replace(cfg, train=train_cfg, optim=optim_cfg)
 
@@ -212,9 +221,8 @@ def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True)
 
 
-# --------------------------------------------------------------------------- exact resume
+# --------------------------------------------------------------------------- run folder, resume
 
-TRAINABLE = "trainable."  # checkpoint extras: the trained tensors of a (Q)LoRA model, by name
 # Options a resumed run may change: where and how it reports, not what it computes (a new
 # --train.max_steps, as in pretrain, continues on the schedule of the new length).
 RESUME_FREE = ("resume", "overwrite", "train.threads", "train.max_steps", "train.log_every",
@@ -228,68 +236,37 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Create a new run's folder (never clobbering one by accident), or check that the run
-    --resume continues was started with the same options."""
-    if not cfg.resume:
-        _prepare_dir(run_dir, cfg.overwrite)
-        return
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to start it")
-    saved = _flat(load_yaml(run_dir / "config.yaml").get("finetune") or {})
-    for key, value in _flat(to_dict(cfg)).items():
-        if key not in RESUME_FREE and saved.get(key, value) != value:
-            raise UserError(f"--resume: {key} is {value!r} but {run_dir} was started with "
-                            f"{saved[key]!r}; resume with the options it was started with")
+def start_run_dir(cfg: Config, run_dir: Path, info: DistInfo) -> None:
+    """Rank 0 creates a new run's folder (never clobbering one by accident), or checks that the
+    run --resume continues was started with the same options; every rank waits for it."""
+    if info.is_main:
+        check_trackers(cfg.train.trackers)
+        if not cfg.resume:
+            _prepare_dir(run_dir, cfg.overwrite)
+        elif not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to "
+                            "start it")
+        else:
+            saved = _flat(load_yaml(run_dir / "config.yaml").get("finetune") or {})
+            for key, value in _flat(to_dict(cfg)).items():
+                if key not in RESUME_FREE and saved.get(key, value) != value:
+                    raise UserError(f"--resume: {key} is {value!r} but {run_dir} was started "
+                                    f"with {saved[key]!r}; resume with the options it was "
+                                    "started with")
+    barrier(info)
 
 
-def data_digest(*paths: str | None) -> str:
-    """sha256 over the data files: a resumed run must read the very same rows."""
-    h = hashlib.sha256()
-    for path in paths:
-        if path:
-            h.update(Path(path).read_bytes())
-    return h.hexdigest()
-
-
-def save_resumable(run_dir: Path, state: TrainState, model: nn.Module,
-                   optimizer: torch.optim.Optimizer, info: dict[str, Any], keep_last: int) -> None:
-    """A checkpoint of the plain (merged) weights plus the optimizer; for (Q)LoRA also the
-    trained tensors themselves, since merged weights cannot be split back into base + adapter."""
-    plain = plain_copy(model)
-    extra = {} if plain is model else {TRAINABLE + n: p.detach()
-                                       for n, p in model.named_parameters() if p.requires_grad}
-    save_checkpoint(run_dir, state, plain, optimizer, extra=extra, info=info,
-                    keep_last=keep_last, is_best=False)
-
-
-def resume_from(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterator[Any], grad_accum: int, digest: str,
+def resume_from(cfg: Config, setup: Setup, run_dir: Path, batches: Iterator[Any], digest: str,
                 console: Console) -> tuple[TrainState, dict[str, Any]]:
-    """Restore weights, optimizer, RNG and data position from the run's latest checkpoint;
-    (state, the checkpoint's info). A run stopped before its first save starts over."""
-    ckpt = latest_checkpoint(run_dir)
+    """Weights, optimizer, RNG and data position from the run's latest checkpoint; (state,
+    the checkpoint's info). A run stopped before its first save starts over."""
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is None:
         return TrainState(), {}
-    plain = plain_copy(model)
-    state, extra, info = load_checkpoint(ckpt, plain, optimizer)
-    if info.get("data_sha256", digest) != digest:
-        raise UserError(f"--resume: the data files changed since {run_dir} was started; "
-                        "resume with the same files or start over with --overwrite")
-    if plain is not model:
-        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        lost = [n for n in trained if TRAINABLE + n not in extra]
-        if lost:
-            raise UserError(f"{ckpt}: holds no {lost[0]} (saved by an older lmforge?), so the "
-                            "adapters cannot resume; start over with --overwrite")
-        with torch.no_grad():
-            for n, p in trained.items():
-                p.copy_(extra[TRAINABLE + n])
-    # The batch streams are seeded and cheap to rebuild: replaying the batches the stopped run
-    # drew (the loop draws grad_accum per step) puts the data position exactly where it was.
-    for _ in range(state.step * grad_accum):
-        next(batches)
-    truncate_metrics(run_dir / "metrics.jsonl", state.step)  # those steps will be logged again
+    state, info = restore(setup, ckpt, digest)
+    replay(batches, state.step, cfg.train.grad_accum)
+    if setup.info.is_main:  # those steps will be logged again
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)
     console.print(f"resumed {run_dir} from {ckpt.name} (step {state.step})")
     return state, info
 
@@ -303,65 +280,102 @@ def interrupted(run_dir: Path) -> UserError:
 
 def main(cfg: Config) -> int:
     """Fine-tune for the task; a Ctrl-C ends in one line that says how to resume."""
-    console = Console()
+    info = init_distributed(cfg.dist.device)
+    console = Console(quiet=not info.is_main)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     try:
-        return classify_main(cfg, console) if cfg.task == "classify" else chat_main(cfg, console)
+        task = classify_main if cfg.task == "classify" else chat_main
+        return task(cfg, console, info)
     except KeyboardInterrupt:
         raise interrupted(Path(cfg.runs_dir) / cfg.out) from None
+    finally:
+        shutdown(info)
 
 
-def chat_main(cfg: Config, console: Console) -> int:
-    """Check the data, adapt the model, train through the one loop, write the run folder."""
-    loaded = load_model(cfg.run)
-    tok = loaded.tokenizer
-    template, eot = chat_setup(loaded.run_dir, cfg.template, tok, loaded.eos_id)  # type: ignore[arg-type]
-    max_len = min(cfg.max_len or loaded.model.cfg.block_size, loaded.model.cfg.block_size)
-    report = checked_data(cfg, tok, template, eot, max_len)  # type: ignore[arg-type]
+def _setup(cfg: Config, info: DistInfo, build: Callable[[], nn.Module],
+           adapt_fn: Callable[[nn.Module], Any], weights: Any, tp_model: object | None) -> Setup:
+    strategy = resolve_strategy(cfg.dist, info, "finetune", tp_model)
+    return setup_training(build, info=info, strategy=strategy, train_cfg=cfg.train,
+                          dist_cfg=cfg.dist, optim_cfg=cfg.optim,
+                          generator=torch.Generator().manual_seed(cfg.train.seed),
+                          weights=weights, adapt=adapt_fn)
+
+
+def _finish(cfg: Config, setup: Setup, state: TrainState, build: Callable[[], nn.Module],
+            run_dir: Path, info: dict[str, Any]) -> nn.Module | None:
+    """After training: the whole trained model on rank 0 (None elsewhere); a sharded run's
+    last checkpoint becomes the merged single file every command loads."""
+    trained = gather_full(setup, build)
+    if trained is not None and setup.sharded:
+        save_final(run_dir, state, trained, info, cfg.train.keep_last)
+    barrier(setup.info)
+    return trained
+
+
+def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
+    """Check the data, adapt the base, train through the one loop, write the run folder."""
+    spec = read_run_spec(cfg.run)
+    if spec.kind != "decoder":
+        raise UserError(f"{spec.run_dir}: is a {spec.kind} run; --task chat fine-tunes a "
+                        "decoder (for an encoder: --task classify)")
+    tok = load_tokenizer(spec.tokenizer)
+    template, eot = chat_setup(spec.run_dir, cfg.template, tok, spec.eos_id)
+    max_len = min(cfg.max_len or spec.model_cfg.block_size, spec.model_cfg.block_size)
+    report = checked_data(cfg, tok, template, eot, max_len)
     train_ex, val_ex = _split(report, max_len, cfg.val_fraction, cfg.train.seed)
-    cfg = with_length(cfg, len(train_ex))
-    pad_id = loaded.eos_id if loaded.eos_id is not None else 0
+    ranks = data_ranks(dist, 1)
+    cfg = with_length(cfg, len(train_ex), ranks.world_size)
+    pad_id = spec.eos_id if spec.eos_id is not None else 0
     batches = SftBatches(train_ex, cfg.train.batch_size, max_len, pad_id, cfg.train.seed,
-                         cfg.pack, cfg.group_by_length)
-    model = loaded.model
-    total = sum(p.numel() for p in model.parameters())  # before adapters and NF4
-    adapted = prepare_model(model, cfg)
-    optimizer = build_optimizer(model, cfg.optim)
+                         cfg.pack, cfg.group_by_length, ranks.rank, ranks.world_size)
+    build = functools.partial(Decoder, spec.model_cfg)
+    adapted: list[str] = []
+    adapt_fn = lambda m: adapted.extend(adapt(m, cfg.method, cfg.lora))  # noqa: E731
+    setup = _setup(cfg, dist, build, adapt_fn, checkpoint_weights(spec.checkpoint), None)
     val = eval_batches(val_ex, cfg.train.batch_size, pad_id)
     evaluate = (lambda m: lm_metrics(lm_loss(m, val)[0], None)) if val else None
     run_dir = Path(cfg.runs_dir) / cfg.out
-    start_run_dir(cfg, run_dir)  # every check passed: only now touch the disk
+    start_run_dir(cfg, run_dir, dist)  # every check passed: only now touch the disk
     digest = data_digest(cfg.data)
-    state, done = (resume_from(run_dir, model, optimizer, batches, cfg.train.grad_accum, digest,
-                               console) if cfg.resume else (TrainState(), {}))
-    before = done["before"] if "before" in done else (evaluate(model) if evaluate else {})
-    info = {"base_run": str(loaded.run_dir.resolve()), "method": cfg.method,
+    state, done = resume_from(cfg, setup, run_dir, batches, digest, console)
+    before = done["before"] if "before" in done else (evaluate(setup.model) if evaluate else {})
+    info = {"base_run": str(spec.run_dir.resolve()), "method": cfg.method,
             "lora": lora_info(cfg.lora), "adapted": adapted}
-    write_run_files(run_dir, loaded, template, {"finetune": to_dict(cfg)})
+    base = LoadedModel(on_meta_decoder(build), tok, spec.run_dir, spec.checkpoint, spec.step,
+                       spec.eos_id, spec.bos_id, list(spec.eos_ids))
+    if dist.is_main:
+        write_run_files(run_dir, base, template, {"finetune": to_dict(cfg)})
+    meta = {"method": cfg.method, "before": before, "data_sha256": digest}
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
-        save_resumable(run_dir, state, model, optimizer, {
-            "metrics": metrics, "method": cfg.method, "before": before, "data_sha256": digest},
-            cfg.train.keep_last)
-        if adapted:
-            save_adapter(run_dir, model, info)
+        save_resumable(run_dir, state, setup, {"metrics": metrics, **meta}, cfg.train.keep_last)
+        if adapted and dist.is_main and not setup.sharded:
+            save_adapter(run_dir, setup.module, info)
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"[bold]{cfg.out}[/]: {cfg.method} fine-tuning of {loaded.run_dir}; "
+    total = sum(p.numel() for p in on_meta_decoder(build).parameters())
+    trainable = sum(p.numel() for p in setup.module.parameters() if p.requires_grad)
+    console.print(f"[bold]{cfg.out}[/]: {cfg.method} fine-tuning of {spec.run_dir}; "
                   f"{trainable:,} of {total:,} parameters train; {len(train_ex)} train / "
                   f"{len(val_ex)} val examples, {report.summary()['loss_fraction']:.0%} of "
-                  f"tokens carry loss")
+                  f"tokens carry loss" + (f"; {setup.strategy} over {dist.world_size} processes"
+                                          if dist.distributed else ""))
     t0 = time.time()
     loss = packed_lm_loss if cfg.pack else causal_lm_loss  # packed x = (ids, segments)
-    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
-                   start_step=state.step) as log:
-        state = train(model, optimizer, batches, loss(cfg.train.label_smoothing),
-                      cfg.train, cfg.optim, state, log, LoopHooks(evaluate, save))
+    state = run_training(setup, batches, loss(cfg.train.label_smoothing), cfg.train, cfg.optim,
+                         state, LoopHooks(evaluate, save), run_dir=run_dir, name=cfg.out,
+                         console=console, config=to_dict(cfg),
+                         flops_per_token=on_meta_decoder(build).flops_per_token(max_len))
+    after = evaluate(setup.model) if evaluate else {}
+    trained = _finish(cfg, setup, state, adapted_builder(build, adapt_fn), run_dir,
+                      {"metrics": after, **meta})
+    if trained is None:
+        return 0
+    if adapted and setup.sharded:
+        save_adapter(run_dir, trained, info)
     plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                     title=f"{cfg.out} ({cfg.method})")
-    after = evaluate(model) if evaluate else {}
     summary = {"run": cfg.out, "method": cfg.method, "base_run": info["base_run"],
                "trainable_params": trainable, "params": total, "steps": state.step,
                "tokens": state.tokens, "seconds": round(time.time() - t0, 1),
@@ -372,17 +386,27 @@ def chat_main(cfg: Config, console: Console) -> int:
     return 0
 
 
+def on_meta_decoder(build: Callable[[], nn.Module]) -> Decoder:
+    """The base decoder's skeleton: shapes, counts and FLOPs, no memory."""
+    with torch.device("meta"):
+        model = build()
+    assert isinstance(model, Decoder)
+    return model
+
+
 # --------------------------------------------------------------------------- --task classify
 
-def _classify_batches(items: Items, batch_size: int, pad: int,
-                      seed: int) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor]]:
+def _classify_batches(items: Items, batch_size: int, pad: int, seed: int,
+                      ranks: DistInfo) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor]]:
+    """Endless shuffled batches; each rank keeps its share of the same global batch."""
     gen = torch.Generator().manual_seed(seed)
+    size = batch_size * ranks.world_size
     while True:
         order = torch.randperm(len(items), generator=gen).tolist()
-        for k in range(0, len(order), batch_size):
-            yield classify_batch([items[i] for i in order[k: k + batch_size]], pad)
-
-
+        for k in range(0, len(order), size):
+            rows = [items[i] for i in order[k: k + size]]
+            if len(rows) >= ranks.world_size:
+                yield classify_batch(rank_share(rows, ranks.rank, ranks.world_size), pad)
 
 
 def _read_items(path: str, cfg: Config, tok: Tokenizer, names: list[str] | None,
@@ -424,7 +448,7 @@ def _prepare_classifier(model: EncoderForClassification, cfg: Config) -> None:
                                         for n, _ in model.named_modules()):
         raise UserError(f"lora.targets {','.join(targets)}: the encoder has no such layer; "
                         "name its own (--lora.targets query,key,value,dense) or use --method full")
-    prepare_model(model, cfg)
+    adapt(model, cfg.method, cfg.lora)
     if cfg.method == "lora":
         for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
             p.requires_grad_(True)
@@ -442,17 +466,18 @@ def _write_classifier_files(cfg: Config, run_dir: Path, base_dir: Path,
             atomic_write_bytes(run_dir / name, (base_dir / name).read_bytes())
 
 
-def classify_main(cfg: Config, console: Console) -> int:
+def classify_main(cfg: Config, console: Console, dist: DistInfo) -> int:
     """Fine-tune an encoder with a classification head through the one loop."""
     if cfg.method == "qlora":
         raise ConfigError("method: --task classify supports full and lora (the new head must "
                           "train in full precision)")
     names = sorted(set(read_labeled(cfg.data, cfg.text_field, cfg.label_field)[1]))
-    model, base_dir = load_classifier_base(cfg.run, len(names))
+    base, base_dir = load_classifier_base(cfg.run, len(names))  # encoders are small: whole
     tok = encoder_tokenizer(base_dir / TOKENIZER_FILE)
-    max_len = min(cfg.max_len or model.cfg.block_size, model.cfg.block_size)
+    max_len = min(cfg.max_len or base.cfg.block_size, base.cfg.block_size)
     train_items, val, test = _classify_splits(cfg, tok, names, max_len)
-    cfg = with_length(cfg, len(train_items))
+    ranks = data_ranks(dist, 1)
+    cfg = with_length(cfg, len(train_items), ranks.world_size)
     pad, bs = tok.token_to_id(PAD_TOKEN), cfg.train.batch_size
     if pad is None:
         raise UserError("the encoder's tokenizer has no [PAD] token")
@@ -460,41 +485,46 @@ def classify_main(cfg: Config, console: Console) -> int:
     val_b, test_b = ([classify_batch(rows[k: k + bs], pad) for k in range(0, len(rows), bs)]
                      for rows in (sorted(val, key=lambda r: len(r[0])),
                                   sorted(test, key=lambda r: len(r[0]))))
-    evaluate = (lambda m: class_metrics(m, val_b)) if val_b else None
+    evaluate = (lambda m: class_metrics(m, val_b, num_labels=len(names))) if val_b else None
 
     def scores(m: nn.Module) -> dict[str, float]:  # before and after: val and test
         return {**(evaluate(m) if evaluate else {}),
-                **(class_metrics(m, test_b, "test") if test_b else {})}
+                **(class_metrics(m, test_b, "test", num_labels=len(names)) if test_b else {})}
 
-    total = sum(p.numel() for p in model.parameters())
-    _prepare_classifier(model, cfg)
-    optimizer = build_optimizer(model, cfg.optim)
-    batches = _classify_batches(train_items, bs, pad, cfg.train.seed)
+    total = sum(p.numel() for p in base.parameters())
+    build = functools.partial(EncoderForClassification, base.cfg)
+    setup = _setup(cfg, dist, build, lambda m: _prepare_classifier(m, cfg), base.state_dict(),
+                   None)
+    del base
+    batches = _classify_batches(train_items, bs, pad, cfg.train.seed, ranks)
     run_dir = Path(cfg.runs_dir) / cfg.out
-    start_run_dir(cfg, run_dir)  # every check passed: only now touch the disk
+    start_run_dir(cfg, run_dir, dist)  # every check passed: only now touch the disk
     digest = data_digest(cfg.data, cfg.val_data, cfg.test_data)
-    state, done = (resume_from(run_dir, model, optimizer, batches, cfg.train.grad_accum, digest,
-                               console) if cfg.resume else (TrainState(), {}))
-    before = done["before"] if "before" in done else scores(model)  # the untrained head
-    _write_classifier_files(cfg, run_dir, base_dir, model, names, max_len)
+    state, done = resume_from(cfg, setup, run_dir, batches, digest, console)
+    before = done["before"] if "before" in done else scores(setup.model)  # the untrained head
+    if dist.is_main:
+        _write_classifier_files(cfg, run_dir, base_dir, setup.module, names, max_len)
+    meta = {"before": before, "data_sha256": digest}
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
-        save_resumable(run_dir, state, model, optimizer, {
-            "metrics": metrics, "before": before, "data_sha256": digest}, cfg.train.keep_last)
+        save_resumable(run_dir, state, setup, {"metrics": metrics, **meta}, cfg.train.keep_last)
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in setup.module.parameters() if p.requires_grad)
     console.print(f"[bold]{cfg.out}[/]: {cfg.method} classification fine-tuning of {cfg.run}; "
                   f"{trainable:,} of {total:,} parameters train; labels {names}; "
                   f"{len(train_items)} train / {len(val)} val / {len(test)} test rows, "
                   f"max_len {max_len}")
     t0 = time.time()
-    with RunLogger(run_dir / "metrics.jsonl", cfg.train.max_steps, console,
-                   start_step=state.step) as log:
-        state = train(model, optimizer, batches, token_loss(), cfg.train, cfg.optim, state, log,
-                      LoopHooks(evaluate, save))
+    state = run_training(setup, batches, token_loss(), cfg.train, cfg.optim, state,
+                         LoopHooks(evaluate, save), run_dir=run_dir, name=cfg.out,
+                         console=console, config=to_dict(cfg))
+    after = scores(setup.model)
+    trained = _finish(cfg, setup, state, adapted_builder(build, lambda m: _prepare_classifier(
+        m, cfg)), run_dir, {"metrics": after, **meta})
+    if trained is None:
+        return 0
     plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png",
                     title=f"{cfg.out} (classify, {cfg.method})")
-    after = scores(model)
     atomic_write_json(run_dir / "summary.json", {
         "run": cfg.out, "task": "classify", "method": cfg.method, "labels": names,
         "steps": state.step, "seconds": round(time.time() - t0, 1), "max_len": max_len,

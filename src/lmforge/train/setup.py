@@ -191,6 +191,13 @@ def fill(model: nn.Module, generator: torch.Generator, weights: Weights | None =
     loaded: set[int] = set()  # parameters given their value (tied ones count once)
     names: list[str] = []
     if weights is not None:
+        for name, module in model.named_modules():  # NF4 layers: quantized as they load
+            load_weight = getattr(module, "load_weight", None)
+            if callable(load_weight):
+                key = rename(f"{name}.weight")
+                if key not in weights:
+                    raise UserError(f"{key}: not in the checkpoint; is it the right base model?")
+                load_weight(weights[key])
         for name, p in model.named_parameters():
             key = rename(name)
             if key in weights:
