@@ -279,8 +279,9 @@ class SftBatches:
         # seeded order and keeps its share: one process sees exactly the rows of all ranks.
         size = self.batch_size * self.world_size
         batches = [items[k: k + size] for k in range(0, len(items), size)]
-        batches = [b for b in batches if len(b) >= self.world_size]  # a row for every rank
         for b in torch.randperm(len(batches), generator=self.gen).tolist():
+            if len(batches[b]) < self.world_size:
+                continue  # a short last batch without a row for every rank is skipped
             mine = rank_share(batches[b], self.rank, self.world_size)
             yield (_pad_packed if self.pack else _pad)(mine, self.pad_id)
 
