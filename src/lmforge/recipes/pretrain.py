@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import (
     TrainState,
+    checkpoint_weights,
     latest_checkpoint,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -79,7 +80,7 @@ from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
 from lmforge.models.registry import Family, preset, preset_names
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.plan import TrainSettings
-from lmforge.run import LoadedModel
+from lmforge.run import LoadedModel, read_run_spec
 from lmforge.train.loop import LoopHooks
 from lmforge.train.losses import LossFn, causal_lm_loss, token_loss
 from lmforge.train.oom import oom_report
@@ -141,6 +142,8 @@ class Config:
     """Run name: config, metrics, checkpoints and plots go to <runs_dir>/<run>/."""
     runs_dir: str = "runs"
     """Folder that holds all runs."""
+    init_from: str | None = None
+    """Continued pretraining (--objective clm): start from this run or imported model (a run folder or one of its checkpoints) — its architecture and weights — instead of a fresh init. Prepare the data with its tokenizer: `lmforge data prepare --tokenizer RUN/tokenizer.json`. --model.* may still change what does not change a weight's shape (dropout, rope_theta)."""
     preset: str | None = None
     """Named model preset of the objective's family; null = llama-1m (clm), bert-mini (mlm), transformer-tiny (seq2seq). Decoders: llama-1m, llama-6m, llama-15m, gpt2-124m; encoders: bert-tiny, bert-mini, bert-small, bert-base; encoder-decoders: transformer-tiny, transformer-small, transformer-base."""
     model: DecoderConfig = field(default_factory=DecoderConfig)
@@ -198,11 +201,26 @@ def resolve(data: dict[str, Any]) -> dict[str, Any]:
         if other not in _used_sections(objective) and data.get(other):
             raise ConfigError(f"{other}.*: options of a section that --objective {objective} "
                               f"does not use; its model options are --{section}.*")
+    if data.get("init_from"):
+        return _from_run(data, objective)
     name = data.get("preset") or default
     if not isinstance(name, str):
         raise ConfigError(f"preset: must be a name, one of {', '.join(preset_names(family))}")
     base = to_dict(preset(name, family))
     return {**data, "preset": name, section: merge(base, data.get(section) or {})}
+
+
+def _from_run(data: dict[str, Any], objective: str) -> dict[str, Any]:
+    """--init_from: the model section is the run's own, under what the user set."""
+    if objective != "clm":
+        raise ConfigError("init_from: continued pretraining starts a decoder (--objective clm)")
+    if data.get("preset"):
+        raise ConfigError("init_from, preset: the architecture comes from --init_from; drop "
+                          "--preset")
+    spec = read_run_spec(str(data["init_from"]))
+    if spec.kind != "decoder":
+        raise ConfigError(f"init_from: {spec.run_dir} is {spec.kind} run, not a decoder")
+    return {**data, "model": merge(to_dict(spec.model_cfg), data.get("model") or {})}
 
 
 def _used_sections(objective: str) -> set[str]:
@@ -243,6 +261,7 @@ class Task:
     # end-of-run metrics + print, on rank 0 with the whole trained model
     report: Callable[[Console, dict[str, Any], nn.Module], dict[str, Any]]
     flops_per_token: float | None = None  # training FLOPs per token, for MFU
+    weights: Mapping[str, Tensor] | None = None  # the starting weights (--init_from)
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
@@ -300,6 +319,7 @@ def _check_data(ds: TokenDataset, window: int, cfg: Config) -> None:
 def clm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     """Next-token prediction with a decoder on a prepared token dataset."""
     ds = TokenDataset.open(cfg.data)
+    weights = _init_weights(cfg, ds) if cfg.init_from else None
     mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
     cfg = dataclasses.replace(cfg, model=mcfg)
     seq_len = _seq_len(cfg, mcfg.block_size, 2)
@@ -315,7 +335,8 @@ def clm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
         ds.bytes_per_token("val"),
     )
     tokens = tc.batch_size * tc.grad_accum * seq_len * info.world_size
-    describe = (f"{cfg.preset} decoder, {model.num_params() / 1e6:.2f}M parameters "
+    origin = f"decoder from {cfg.init_from}" if cfg.init_from else f"{cfg.preset} decoder"
+    describe = (f"{origin}, {model.num_params() / 1e6:.2f}M parameters "
                 f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocab "
                 f"{mcfg.vocab_size}, context {seq_len}; {tc.max_steps} steps x {tokens} tokens "
                 f"= {tc.max_steps * tokens / 1e6:.1f}M tokens "
@@ -329,7 +350,19 @@ def clm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
         return final
 
     return cfg, Task(build, model.num_params(), batches, causal_lm_loss(tc.label_smoothing),
-                     evaluate, tok, describe, baseline, report, model.flops_per_token(seq_len))
+                     evaluate, tok, describe, baseline, report, model.flops_per_token(seq_len),
+                     weights)
+
+
+def _init_weights(cfg: Config, ds: TokenDataset) -> Mapping[str, Tensor]:
+    """The --init_from run's weights (read tensor by tensor), once its tokenizer is the data's."""
+    spec = read_run_spec(str(cfg.init_from))
+    theirs = load_tokenizer(spec.tokenizer).get_vocab()
+    if load_tokenizer(ds.tokenizer_path).get_vocab() != theirs:
+        raise UserError(f"{cfg.data}: was not prepared with the tokenizer of {spec.run_dir}; "
+                        f"prepare it with `lmforge data prepare ... --tokenizer "
+                        f"{spec.tokenizer}`")
+    return checkpoint_weights(spec.checkpoint)
 
 
 def _clm_report(console: Console, cfg: Config, model: nn.Module, tok: Tokenizer,
@@ -597,7 +630,8 @@ def _main(cfg: Config, info: DistInfo) -> int:
     cfg, task = _build_task(cfg, data_ranks(info, cfg.dist.tp))
     # collective; may still refuse (a checkpoint, the optimizer): before touching the disk
     setup = setup_training(task.build, info=info, strategy=strategy, train_cfg=cfg.train,
-                           dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen)
+                           dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen,
+                           weights=task.weights)
     run_dir = Path(cfg.runs_dir) / cfg.run
     if info.is_main:
         check_trackers(cfg.train.trackers)
