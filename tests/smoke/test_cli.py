@@ -47,8 +47,8 @@ def test_pretrain_writes_a_complete_run_and_learns(trained: Path):
     evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
     train = [r["loss"] for r in records if r["kind"] == "train"]
     # At lr 1e-2 this tiny model reaches its plateau (about the unigram loss) by step 20, so
-    # the two evals may tie; learning shows against the untrained model's first losses.
-    assert len(evals) == 2 and evals[-1] < train[0] - 0.5 and train[-1] < train[0]
+    # the two evals may tie; learning shows against an untrained model (ln 512 = 6.24 nats).
+    assert len(evals) == 2 and evals[-1] < math.log(512) - 0.5 and train[-1] < train[0]
     assert summary["val_loss"] < math.log(512)  # better than a uniform guess over the vocab
     assert summary["val_bpb"] > 0 and summary["unigram_baseline_loss"] > 0
     assert summary["steps"] == 40
