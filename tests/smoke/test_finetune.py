@@ -162,3 +162,29 @@ def test_finetune_classify_an_encoder(workdir: Path, method: str,
         for key in ("bert.embeddings.word_embeddings.weight",
                     "bert.encoder.layer.0.attention.output.LayerNorm.weight"):
             assert torch.equal(base[key], tuned[key]), key
+
+
+@pytest.mark.parametrize("extra", [["--base_dtype", "bf16"], ["--train.precision", "bf16"],
+                                   ["--train.precision", "fp16"]])
+def test_lora_with_bf16_base_or_autocast_learns(ftdir: Path, extra: list[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 16-bit paths on CPU: a bf16 frozen base, bf16 autocast, fp16 with a grad scaler."""
+    monkeypatch.chdir(ftdir)
+    out = f"ft-16-{extra[1]}-{extra[0].strip('-').replace('.', '-')}"
+    assert cli.run(["finetune", "--run", f"runs/{BASE}", "--data", "sft.jsonl", "--method",
+                    "lora", "--out", out, "--overwrite", *FT, *extra]) == 0
+    summary = json.loads((ftdir / "runs" / out / "summary.json").read_text())
+    assert summary["val_loss"] < summary["val_loss_before"]
+    loaded = load_model(ftdir / "runs" / out)  # the merged run loads as an ordinary fp32 run
+    assert loaded.model.tok_emb.weight.dtype == torch.float32
+
+
+def test_finetune_refuses_options_it_cannot_honour(ftdir: Path) -> None:
+    for args, needle in ((["--train.seq_len", "64"], "max_len"),
+                         (["--method", "full", "--base_dtype", "bf16"], "base_dtype"),
+                         (["--dist.tp", "2"], "dist.tp"),
+                         (["--dist.strategy", "fsdp"], "torchrun")):
+        proc = lmforge("finetune", "--run", f"runs/{BASE}", "--data", "sft.jsonl", "--out",
+                       "ft-refused", *args, cwd=ftdir)
+        assert_user_error(proc, needle)
+    assert not (ftdir / "runs" / "ft-refused").exists()

@@ -92,3 +92,33 @@ def test_bad_targets_are_user_errors() -> None:
         apply_lora(tiny(), 4, 8, 0.0, ["attn"])
     with pytest.raises(UserError, match="tied"):
         apply_lora(tiny(), 4, 8, 0.0, ["lm_head"])
+
+
+def test_lora_on_a_bf16_base_trains_the_fp32_adapters() -> None:
+    from lmforge.config import from_dict
+    from lmforge.models.decoder import Decoder, DecoderConfig
+    from lmforge.models.lora import LoraConfig
+    from lmforge.train.finetune import adapt
+
+    cfg = from_dict(DecoderConfig, {"vocab_size": 97, "block_size": 32, "n_layer": 2,
+                                    "n_head": 4, "n_embd": 32})
+    ref = Decoder(cfg)
+    ref.init_weights(torch.Generator().manual_seed(0))
+    model = Decoder(cfg)
+    model.load_state_dict(ref.state_dict())
+    adapt(model, "lora", LoraConfig(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]),
+          base_dtype="bf16")
+    frozen = [m.weight for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and n != "lm_head"]
+    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
+    assert model.tok_emb.weight.dtype == torch.float32  # the tied head stays with it
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x)
+    got = model(x)  # B = 0 at the start: the bf16 base alone
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    got.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in trained[1::2])  # lora_B of each adapted layer

@@ -134,9 +134,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base = module.base
         weight = _base_weight(base)
         bias = getattr(base, "bias", None)
+        # summed in the wider of the two dtypes: a bf16 base gets its fp32 update exactly
+        dtype = torch.promote_types(weight.dtype, module.lora_A.dtype)
         plain = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-        plain.weight.copy_(weight + module.delta_weight().to(weight.dtype))
+                          device=weight.device, dtype=dtype)
+        plain.weight.copy_(weight.to(dtype) + module.delta_weight().to(dtype))
         if bias is not None:
             plain.bias.copy_(bias)
         _set(model, name, plain)

@@ -138,6 +138,8 @@ class Config:
     """Batch examples of similar length together (less padding)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Adapters of --method lora/qlora."""
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    """--method lora: storage of the frozen base's linear weights; bf16 halves their memory (they compute in bf16; adapters, norms and embeddings stay fp32)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=10,
                                                                    weight_decay=0.0))
     """Optimizer and schedule (fine-tuning defaults: lr 2e-4, 10 warmup steps, no decay)."""
@@ -170,6 +172,9 @@ class Config:
         if self.dist.tp > 1:
             raise ConfigError("dist.tp: tensor parallelism is for pretraining; fine-tune with "
                               "--dist.strategy ddp or fsdp")
+        if self.base_dtype == "bf16" and (self.method != "lora" or self.dist.strategy == "fsdp"):
+            raise ConfigError("base_dtype bf16: for --method lora without FSDP (FSDP2 shards "
+                              "parameters of one dtype per block)")
         if self.method == "qlora" and self.dist.strategy == "fsdp":
             raise ConfigError("method qlora: its NF4 base is stored in buffers FSDP does not "
                               "shard; use --dist.strategy ddp, or --method lora under FSDP")
@@ -332,7 +337,8 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
                          cfg.pack, cfg.group_by_length, ranks.rank, ranks.world_size)
     build = functools.partial(Decoder, spec.model_cfg)
     adapted: list[str] = []
-    adapt_fn = lambda m: adapted.extend(adapt(m, cfg.method, cfg.lora))  # noqa: E731
+    adapt_fn = lambda m: adapted.__setitem__(slice(None), adapt(m, cfg.method, cfg.lora,  # noqa: E731
+                                                               cfg.base_dtype))
     setup = _setup(cfg, dist, build, adapt_fn, checkpoint_weights(spec.checkpoint), None)
     val = eval_batches(val_ex, cfg.train.batch_size, pad_id)
     evaluate = (lambda m: lm_metrics(lm_loss(m, val)[0], None)) if val else None

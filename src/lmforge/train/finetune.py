@@ -32,11 +32,13 @@ Method = Literal["full", "lora", "qlora"]
 TRAINABLE = "trainable."  # checkpoint extras: the trained tensors of a (Q)LoRA model, by name
 
 
-def adapt(model: nn.Module, method: Method, lora: LoraConfig) -> list[str]:
+def adapt(model: nn.Module, method: Method, lora: LoraConfig,
+          base_dtype: Literal["fp32", "bf16"] = "fp32") -> list[str]:
     """Make the right parameters trainable for the method; return the adapted layer names.
 
     Runs on the meta model (``setup_training(adapt=...)``): QLoRA's NF4 layers get their codes
     from the base checkpoint one weight at a time, so the full-precision base never exists whole.
+    ``base_dtype`` bf16 stores the frozen linear weights in bf16 (half the memory).
     """
     if method == "full":
         for p in model.parameters():
@@ -44,7 +46,32 @@ def adapt(model: nn.Module, method: Method, lora: LoraConfig) -> list[str]:
         return []
     if method == "qlora":
         quantize_nf4(model)  # the frozen base is stored in 4 bits; adapters stay fp32
-    return apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+    names = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+    if base_dtype == "bf16":
+        frozen_linears_to(model, torch.bfloat16)
+    return names
+
+
+def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen nn.Linear in ``dtype``; it computes in that dtype and hands back
+    its input's dtype, so the trained parts (adapters, norms, embeddings) stay as they are."""
+    # a head tied to the embedding stays: the embedding's output must keep its dtype
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if (isinstance(module, nn.Linear) and not module.weight.requires_grad
+                and id(module.weight) not in embedded):
+            module.to(dtype)
+            module.register_forward_pre_hook(_cast_input)
+            module.register_forward_hook(_cast_output)
+
+
+def _cast_input(module: nn.Module, args: tuple) -> tuple:
+    module._input_dtype = args[0].dtype  # type: ignore[assignment]
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def _cast_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.to(module._input_dtype)  # type: ignore[arg-type]
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
