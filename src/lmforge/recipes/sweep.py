@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import ConfigError, UserError, build, leaf_names
-from lmforge.recipes import pretrain
+from lmforge.pretraining import main as pretrain_main
+from lmforge.pretraining import options as pretrain
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json
 
 EXAMPLES = """
@@ -170,7 +171,7 @@ def run_point(point: Point) -> dict[str, Any]:
     row: dict[str, Any] = {"index": point.index, "run": point.cfg.run,
                            "settings": point.settings}
     try:
-        pretrain.main(point.cfg)
+        pretrain_main.main(point.cfg)
     except UserError as e:
         if not _diverged(e):
             raise
