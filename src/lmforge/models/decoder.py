@@ -553,7 +553,7 @@ class Decoder(nn.Module):
                           w.device)
 
     def forward(self, idx: Tensor, cache: Cache | None = None,
-                segments: Tensor | None = None) -> Tensor:
+                segments: Tensor | None = None, hidden: bool = False) -> Tensor:
         """Logits (B, T, V) in the parameter dtype for token ids ``idx`` (B, T).
 
         With a cache, ``idx`` continues the cached sequence(s): positions start at each row's
@@ -562,6 +562,9 @@ class Decoder(nn.Module):
         only within its own example and positions restart at 0 per example, so each example
         gets the logits it would get alone (HF's packing with position ids). The loss is
         computed by the caller.
+        ``hidden`` returns the final normed hidden states (B, T, C) instead of logits, for a
+        loss that applies the head itself in chunks (``train.losses.linear_cross_entropy``);
+        it goes through ``forward`` so DDP's hooks run.
         """
         B, T = idx.shape
         self._check_length(B, T, cache)
@@ -588,7 +591,8 @@ class Decoder(nn.Module):
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+        x = self.norm_f(x)  # (B, T, C)
+        return x if hidden else self.lm_head(x)  # (B, T, V)
 
     def _check_length(self, B: int, T: int, cache: Cache | None) -> None:
         end = T if cache is None else cache.end(T)
