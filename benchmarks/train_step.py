@@ -9,8 +9,9 @@ per round) so drifting machine load hits them alike; the median block is reporte
 
 Settings (levers), each on a fresh model from the same seed:
 - ``eager``: as above;
-- ``chunked loss`` (lmforge only): ``chunked_loss.linear_cross_entropy`` on the final hidden
-  states instead of ``cross_entropy`` on full logits (PROPOSED.md moves it into the library);
+- ``chunked loss`` (lmforge only): lmforge's training loss (``train.losses.causal_lm_loss``,
+  head + cross-entropy in chunks on the final hidden states) instead of ``cross_entropy`` on
+  full logits;
 - ``compile``: ``torch.compile`` per block — lmforge's ``parallel.apply_compile``, and the same
   ``Module.compile()`` on each of transformers' decoder layers, so the peer gets the same lever.
 
@@ -34,12 +35,8 @@ from lmforge.config import OptimConfig
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.registry import preset
 from lmforge.parallel import apply_compile
+from lmforge.train.losses import causal_lm_loss, mean_loss
 from lmforge.train.optim import build_optimizer
-
-try:  # the library's own copy, once PROPOSED.md is applied
-    from lmforge.train.losses import linear_cross_entropy  # type: ignore[import-not-found]
-except ImportError:
-    from chunked_loss import linear_cross_entropy
 
 Step = Callable[[Tensor, Tensor], None]
 LossOf = Callable[[Tensor, Tensor], Tensor]
@@ -82,16 +79,10 @@ def plain_loss(logits_of: Callable[[Tensor], Tensor]) -> LossOf:
 
 
 def chunked_loss(model: Decoder) -> LossOf:
-    """``linear_cross_entropy`` on the final hidden states of ``model`` (tied head).
-
-    Until the Decoder has a hidden-state forward (PROPOSED.md), the benchmark's own instance has
-    its head replaced by an identity, so ``model(x)`` returns the normed hidden states; the
-    weight is the tied embedding. ``build_step`` checks the loss against ``plain_loss`` first.
-    """
-    assert model.cfg.tie_embeddings
-    weight = model.tok_emb.weight
-    model.lm_head = nn.Identity()
-    return lambda x, y: linear_cross_entropy(model(x).flatten(0, 1), weight, y.flatten())
+    """lmforge's own training loss (``train.losses.causal_lm_loss``): the head and the
+    cross-entropy in chunks of rows on the final hidden states, never the (B, T, V) logits."""
+    loss_fn = causal_lm_loss()
+    return lambda x, y: mean_loss(loss_fn, model, x, y)
 
 
 def build_step(cfg: DecoderConfig, lib: str, setting: str, check: tuple[Tensor, Tensor],
@@ -208,7 +199,7 @@ def run(rounds: int = 11, steps: int = 2, warmup: int = 2) -> Section:
                 f"{rounds} interleaved rounds of {steps} timed steps per setting (the order "
                 "rotates every round); median round. Settings: `eager`; `chunked loss` = "
                 "lmforge's chunked linear + cross-entropy on the hidden states "
-                "(`benchmarks/chunked_loss.py`, proposed for the library), never the (B, T, V) "
+                "(`lmforge.train.losses.causal_lm_loss`, what `lmforge pretrain` trains with), never the (B, T, V) "
                 "logits whole; `compile` = `torch.compile` per block (lmforge's "
                 "`apply_compile`; `Module.compile()` on each transformers decoder layer). The "
                 "ratio-per-CPU-second column divides by CPU time instead of wall time: on a "
