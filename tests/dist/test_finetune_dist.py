@@ -123,3 +123,11 @@ def test_sharded_lora_killed_mid_checkpoint_resumes_bit_identical(ftd: Path,
     assert all((adapter_a[k] == adapter_b[k]).all() for k in adapter_a)
     assert _losses(run) == _losses(straight)
     assert signal.SIGKILL  # the kill is a real SIGKILL of rank 0 (sitecustomize)
+
+
+def test_a_refusal_on_rank_0_stops_every_rank(ftd: Path, single: dict[str, Path]) -> None:
+    """The run exists and --overwrite is not given: rank 0 refuses, rank 1 must not wait
+    forever at the next collective; torchrun ends with the one-line reason."""
+    proc = _finetune(ftd, single["lora"].name, 2, "ddp", "lora", 4, check=False)
+    assert proc.returncode != 0
+    assert "pass --resume to continue it, --overwrite to replace it" in proc.stderr

@@ -59,7 +59,7 @@ from lmforge.train.setup import (
     resolve_strategy,
     setup_training,
 )
-from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
+from lmforge.utils.dist import DistInfo, init_distributed, on_main, shutdown
 from lmforge.utils.io import atomic_write_json, atomic_write_text
 from lmforge.utils.logging import read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
@@ -173,11 +173,12 @@ def _main(cfg: Config, info: DistInfo) -> int:
                            dist_cfg=cfg.dist, optim_cfg=cfg.optim, generator=gen,
                            weights=task.weights)
     run_dir = Path(cfg.runs_dir) / cfg.run
-    if info.is_main:
+    def start() -> None:  # every check above passed: only now touch the disk
         check_trackers(cfg.train.trackers)
-        _prepare_run_dir(cfg, run_dir)  # every check above passed: only now touch the disk
+        _prepare_run_dir(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+
+    on_main(info, start)  # a refusal on rank 0 stops every rank with the same line
     state = _resume(cfg, setup, task.batches, run_dir, console, info)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml",

@@ -84,7 +84,7 @@ from lmforge.train.setup import (
     resolve_strategy,
     setup_training,
 )
-from lmforge.utils.dist import DistInfo, barrier, init_distributed, shutdown
+from lmforge.utils.dist import DistInfo, barrier, init_distributed, on_main, shutdown
 from lmforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmforge.utils.logging import read_metrics, truncate_metrics
 from lmforge.utils.plot import plot_loss_curve
@@ -243,22 +243,22 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def start_run_dir(cfg: Config, run_dir: Path, info: DistInfo) -> None:
     """Rank 0 creates a new run's folder (never clobbering one by accident), or checks that the
-    run --resume continues was started with the same options; every rank waits for it."""
-    if info.is_main:
-        check_trackers(cfg.train.trackers)
-        if not cfg.resume:
-            _prepare_dir(run_dir, cfg.overwrite)
-        elif not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to "
-                            "start it")
-        else:
-            saved = _flat(load_yaml(run_dir / "config.yaml").get("finetune") or {})
-            for key, value in _flat(to_dict(cfg)).items():
-                if key not in RESUME_FREE and saved.get(key, value) != value:
-                    raise UserError(f"--resume: {key} is {value!r} but {run_dir} was started "
-                                    f"with {saved[key]!r}; resume with the options it was "
-                                    "started with")
-    barrier(info)
+    run --resume continues was started with the same options; a refusal stops every rank."""
+    on_main(info, lambda: _start_run_dir(cfg, run_dir))
+
+
+def _start_run_dir(cfg: Config, run_dir: Path) -> None:
+    check_trackers(cfg.train.trackers)
+    if not cfg.resume:
+        _prepare_dir(run_dir, cfg.overwrite)
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: {run_dir} is not an existing run; drop --resume to start it")
+    saved = _flat(load_yaml(run_dir / "config.yaml").get("finetune") or {})
+    for key, value in _flat(to_dict(cfg)).items():
+        if key not in RESUME_FREE and saved.get(key, value) != value:
+            raise UserError(f"--resume: {key} is {value!r} but {run_dir} was started with "
+                            f"{saved[key]!r}; resume with the options it was started with")
 
 
 def resume_from(cfg: Config, setup: Setup, run_dir: Path, batches: Iterator[Any], digest: str,

@@ -105,7 +105,7 @@ def train(
         lr = lr_at(state.step, optim_cfg.lr, optim_cfg.warmup_steps, cfg.max_steps,
                    optim_cfg.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
 
         # 2. micro-steps. The step's batches are drawn first, so the summed loss can be divided
         #    by the labelled tokens of the whole step on every rank (one small all-reduce): each

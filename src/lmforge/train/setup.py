@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,7 +49,6 @@ from lmforge.parallel import (
     apply_tp,
     check_tp,
     grad_scaler,
-    has_dtensors,
     make_mesh,
 )
 from lmforge.train.optim import build_optimizer
@@ -284,16 +283,6 @@ def gather_full(setup: Setup, build: Callable[[], nn.Module]) -> nn.Module | Non
     materialize(plain, "cpu")
     fill(plain, torch.Generator(), full)
     return plain.eval()
-
-
-def trained_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    """The parameters the optimizer steps (LoRA: the adapters; full: every weight)."""
-    return (p for p in model.parameters() if p.requires_grad)
-
-
-def uses_dtensors(setup: Setup) -> bool:
-    """True when checkpoints must be written shard by shard."""
-    return has_dtensors(setup.module)
 
 
 def load_state(setup: Setup, ckpt: Path) -> tuple[TrainState, dict[str, Tensor], dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +79,22 @@ def shutdown(info: DistInfo) -> None:
     """Leave the process group cleanly."""
     if info.launched and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main(info: DistInfo, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 only; a UserError it raises is raised on every rank, so the other
+    ranks stop with the same one line instead of waiting forever at the next collective."""
+    from lmforge.config import UserError
+
+    error = ""
+    if info.is_main:
+        try:
+            fn()
+        except UserError as e:
+            error = str(e) or type(e).__name__
+    if info.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
