@@ -113,3 +113,27 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Linear(64, 64))
     quantize_nf4(model)
     assert type(model[0]) is NF4Linear and nf4_summary(model)["backend"] == "torch"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_recomputes_the_weight_instead_of_keeping_it(backend: str) -> None:
+    """Nothing weight-sized is saved for backward (else QLoRA holds the fp32 base again), and
+    the input gradient equals that of a plain layer with the dequantized weight."""
+    torch.manual_seed(0)
+    layer = (BnbNF4Linear if backend == "bitsandbytes" else NF4Linear)(nn.Linear(128, 64))
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    x = torch.randn(3, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert torch.Size((64, 128)) not in saved and torch.Size((128, 64)) not in saved
+    y.pow(2).sum().backward()
+    plain = nn.Linear(128, 64)
+    plain.weight.data, plain.bias.data = layer.dequantize(), layer.bias.detach().clone()
+    x2 = x.detach().clone().requires_grad_()
+    plain(x2).pow(2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)

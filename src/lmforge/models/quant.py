@@ -7,15 +7,16 @@ paper's double quantization the block maxima are themselves quantized: their mea
 out (one fp32 offset per matrix) and they are stored in 8 bits, in blocks of 256 with one
 fp32 scale each. A weight then costs 4 + 8/64 + 32/(64*256) = 4.127 bits (0.516 bytes, 7.75x
 less than fp32); without it 4 + 32/64 = 4.5 bits. ``nf4_matrix_bytes`` is that arithmetic,
-exact per matrix, and ``lmforge plan`` uses it. Forward dequantizes the whole weight and runs
-an ordinary matmul: memory is saved at rest, not during the product.
+exact per matrix, and ``lmforge plan`` uses it. Forward dequantizes one whole weight and runs
+an ordinary matmul; backward dequantizes it again rather than keeping it (``_DequantMatmul``),
+so only one layer's full-precision weight exists at a time.
 
 Two implementations with the same storage and interface (``load_weight``, ``dequantize``):
 ``BnbNF4Linear`` over bitsandbytes (the library QLoRA was written with; CPU and CUDA since
 0.45), used when it is installed (``pip install 'lmforge[qlora]'``), and ``NF4Linear`` in plain
 PyTorch as the fallback. Only this module imports bitsandbytes, lazily. Measured once (2026-12,
 one CPU thread, 1024x512 weight, 1024 tokens, forward + backward): dequantize + F.linear
-37 ms, ``bnb.matmul_4bit`` 37 ms, so both paths dequantize and matmul.
+37 ms, ``bnb.matmul_4bit`` 37 ms, so both backends share one dequantize-and-matmul function.
 """
 
 from __future__ import annotations
@@ -126,7 +127,33 @@ class _NF4Base(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return _DequantMatmul.apply(x, self, self.bias)
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x @ W.T + b with W dequantized for the product and again in backward, never kept.
+
+    A plain ``F.linear(x, layer.dequantize())`` saves the full-precision W for the gradient of
+    x, so every layer's dequantized weight would live from forward to backward: the whole
+    base back in fp32, and QLoRA measured above LoRA. This is the trick of QLoRA's
+    ``bnb.matmul_4bit`` (which saves only the packed weight): recompute, do not store.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, layer: _NF4Base, bias: Tensor | None) -> Tensor:
+        ctx.layer = layer  # type: ignore[attr-defined]
+        ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
+        return nn.functional.linear(x, layer.dequantize().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            w = ctx.layer.dequantize().to(grad.dtype)  # type: ignore[attr-defined]
+            grad_x = (grad @ w).to(ctx.x_dtype)  # type: ignore[attr-defined]
+        if ctx.needs_input_grad[2]:  # type: ignore[attr-defined]
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_b
 
 
 class NF4Linear(_NF4Base):
