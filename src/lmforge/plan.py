@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from lmforge.config import ConfigError, TrainConfig
 from lmforge.models.decoder import DecoderConfig, count_params
+from lmforge.models.quant import BLOCK as NF4_BLOCK
+from lmforge.models.quant import nf4_matrix_bytes
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
@@ -26,8 +28,12 @@ METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 # Chinchilla (Hoffmann et al. 2022): compute-optimal training uses ~20 tokens per parameter.
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # NF4 with double quantization (Dettmers et al. 2023, QLoRA §3): 4 bits per weight + 8-bit
-# absmax per block of 64 + fp32 per 256 of those = 4 + 8/64 + 32/(64*256) = 4.127 bits.
+# absmax per block of 64 + fp32 per 256 of those = 4 + 8/64 + 32/(64*256) = 4.127 bits (the
+# limit of ``nf4_matrix_bytes``, which the plan uses matrix by matrix, as the code stores them).
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+# LoRA and QLoRA keep the frozen base (QLoRA: all but the NF4 block matrices) in the dtype the
+# checkpoint loads into, fp32; bf16/fp16 runs compute in 16 bits under autocast.
+BASE_BYTES = 4
 # Weight-only int4 (torchao / GPTQ style): groups of 128 with a bf16 scale and zero point.
 INT4_BYTES = 0.5 + 4 / 128
 # Weight-only int8 with one scale per output row: the scales are < 0.1% and not counted.
@@ -64,6 +70,8 @@ class TrainSettings:
     """Rank r of the LoRA/QLoRA adapters (each adapted d_in x d_out matrix adds r*(d_in+d_out))."""
     lora_targets: Literal["attention", "all_linear"] = "all_linear"
     """Which block matrices get adapters: q/k/v/o only, or every linear (QLoRA's recommendation)."""
+    double_quant: bool = True
+    """qlora: 8-bit block maxima (4.127 bits per weight) or fp32 ones (4.5), as --lora.double_quant."""
     activation_checkpointing: bool = False
     """Keep only each block's input and recompute the block in backward (one extra forward)."""
     attention: Literal["flash", "math"] = "flash"
@@ -262,11 +270,32 @@ def state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
 
     Full training follows ZeRO's accounting (Rajbhandari et al. 2020, §3.1): fp32 is 4 + 4 +
     8 (AdamW m, v) bytes per parameter; mixed precision is 2 (16-bit weights) + 2 (16-bit
-    grads) + 12 (fp32 master copy, m, v). SGD keeps one momentum instead of m, v. LoRA
-    freezes the base in the compute dtype and trains fp32 adapters (PEFT's default); QLoRA
-    stores the block matrices in NF4 and keeps embeddings, head, norms and biases 16-bit.
+    grads) + 12 (fp32 master copy, m, v). SGD keeps one momentum instead of m, v. LoRA keeps
+    the frozen base in fp32 (``BASE_BYTES``: what lmforge loads; autocast computes in 16 bits)
+    and trains fp32 adapters; QLoRA stores the block matrices in NF4 (``nf4_weights``) and
+    keeps embeddings, output head, norms and biases fp32.
     """
     return _per_device(cfg, s, _model_state_bytes(cfg, s))
+
+
+def block_matrices(cfg: DecoderConfig) -> list[int]:
+    """Weights of each linear layer of the blocks (q, k, v, o, then the MLP's), all layers."""
+    c, f = cfg.n_embd, cfg.ffn_dim
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    n_mats = 3 if cfg.mlp == "swiglu" else 2
+    return cfg.n_layer * [q * c, kv * c, kv * c, c * q, *[c * f] * n_mats]
+
+
+def nf4_weights(cfg: DecoderConfig, double_quant: bool = True) -> dict[str, Any]:
+    """What QLoRA's NF4 base stores, as ``models.quant.quantize_nf4`` builds it: every block
+    matrix whose size is a multiple of 64, exactly ``nf4_matrix_bytes`` each; the rest fp32."""
+    mats = [m for m in block_matrices(cfg) if m % NF4_BLOCK == 0]
+    quantized, stored = sum(mats), sum(nf4_matrix_bytes(m, double_quant) for m in mats)
+    rest = param_counts(cfg)["total"] - quantized
+    return {"quantized_params": quantized, "nf4_bytes": stored,
+            "bits_per_weight": 8 * stored / quantized if quantized else 0.0,
+            "double_quant": double_quant, "other_params": rest, "other_dtype": "fp32",
+            "weights": stored + rest * BASE_BYTES}
 
 
 def _model_state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
@@ -278,11 +307,9 @@ def _model_state_bytes(cfg: DecoderConfig, s: TrainSettings) -> dict[str, int]:
         return {"weights": n * w16, "gradients": n * w16,
                 "optimizer": n * (moments + (4 if mixed else 0))}
     adapters = lora_params(cfg, s.lora_rank, s.lora_targets)
-    base = n * w16
+    base = n * BASE_BYTES
     if s.method == "qlora":
-        parts = param_breakdown(cfg)
-        quantized = parts["attention_weights"] + parts["mlp_weights"]
-        base = round((n - quantized) * w16 + quantized * NF4_BYTES)
+        base = nf4_weights(cfg, s.double_quant)["weights"]
     return {"weights": base + adapters * 4, "gradients": adapters * 4,
             "optimizer": adapters * moments}
 
@@ -384,9 +411,12 @@ def train_memory(cfg: DecoderConfig, s: TrainSettings) -> dict[str, Any]:
     step = states["weights"] + states["gradients"] + states["optimizer"]
     trainable = (param_counts(cfg)["total"] if s.method == "full"
                  else lora_params(cfg, s.lora_rank, s.lora_targets))
-    return {"method": s.method, "trainable_params": trainable, **states,
-            "activations": acts["total"], "activation_parts": acts,
-            "peak": max(forward_end, step), "sum": step + acts["total"]}
+    out = {"method": s.method, "trainable_params": trainable, **states,
+           "activations": acts["total"], "activation_parts": acts,
+           "peak": max(forward_end, step), "sum": step + acts["total"]}
+    if s.method == "qlora":
+        out["nf4"] = nf4_weights(cfg, s.double_quant)
+    return out
 
 
 # --------------------------------------------------------------------------- inference memory

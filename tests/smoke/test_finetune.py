@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import cli
+from lmforge.models.quant import bitsandbytes_available
 from lmforge.run import load_model
 from tests.smoke.helpers import TINY_MODEL, assert_user_error, lmforge
 
@@ -65,6 +66,35 @@ def test_finetune_writes_a_loadable_run(ftdir: Path, method: str,
         adapter = load_file(run / "adapter.safetensors")
         assert adapter and all(k.endswith(("lora_A", "lora_B")) for k in adapter)
         assert json.loads((run / "adapter.json").read_text())["method"] == method
+    if method == "qlora":  # bitsandbytes' NF4 where it is installed, with double quantization
+        want = "bitsandbytes" if bitsandbytes_available() else "torch"
+        assert summary["nf4"]["backend"] == want and summary["nf4"]["double_quant"]
+        assert 4.1 < summary["nf4"]["bits_per_weight"] < 4.2
+        assert cli.run(["merge", "--adapter", f"runs/{out}", "--out", f"{out}-merged",
+                        "--overwrite"]) == 0  # onto the base stored as it was trained
+        merged = json.loads((ftdir / "runs" / f"{out}-merged" / "summary.json").read_text())
+        assert merged["max_logit_diff"] < 1e-4
+
+
+def test_qlora_falls_back_to_plain_pytorch_nf4(ftdir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bitsandbytes, QLoRA trains on the plain-PyTorch NF4 (and says so); its adapter
+    merges onto that same base."""
+    from lmforge.models import quant
+
+    monkeypatch.chdir(ftdir)
+    monkeypatch.setattr(quant, "bitsandbytes_available", lambda: False)
+    assert cli.run(["finetune", "--run", f"runs/{BASE}", "--data", "sft.jsonl", "--method",
+                    "qlora", "--out", "ft-qlora-torch", "--overwrite", *FT]) == 0
+    run = ftdir / "runs" / "ft-qlora-torch"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nf4"]["backend"] == "torch" and summary["nf4"]["double_quant"]
+    assert summary["steps"] == 6 and summary["val_loss"] < summary["val_loss_before"]
+    assert json.loads((run / "adapter.json").read_text())["nf4_backend"] == "torch"
+    assert cli.run(["merge", "--adapter", "runs/ft-qlora-torch", "--out", "ft-qlora-merged",
+                    "--overwrite"]) == 0
+    merged = json.loads((ftdir / "runs" / "ft-qlora-merged" / "summary.json").read_text())
+    assert merged["max_logit_diff"] < 1e-4
 
 
 def test_merge_equals_the_finetuned_run(ftdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,12 +131,15 @@ def test_state_bytes_by_precision_optimizer_and_method() -> None:
     # LoRA r=2 on q, o (8+8) and k, v (8+4), all layers: 2 * 2 * (2*16 + 2*12) = 224.
     lora = TrainSettings(precision="bf16", method="lora", lora_rank=2, lora_targets="attention")
     assert lora_params(TINY, 2, "attention") == 224
-    assert state_bytes(TINY, lora) == {"weights": 2 * n + 4 * 224, "gradients": 4 * 224,
+    # the frozen base stays fp32 (as the code loads it), whatever the compute precision
+    assert state_bytes(TINY, lora) == {"weights": 4 * n + 4 * 224, "gradients": 4 * 224,
                                        "optimizer": 8 * 224}
     qlora = dataclasses.replace(lora, method="qlora")
-    quantized = 2 * (192 + 256)
-    assert state_bytes(TINY, qlora)["weights"] == round(
-        (n - quantized) * 2 + quantized * NF4_BYTES) + 4 * 224
+    # TINY's q, k, v, o, fc_in, fc_out: only those that fill whole blocks of 64 are NF4, each
+    # 0.5 + 1/64 bytes per weight + one fp32 scale per 256 blocks + one fp32 offset.
+    mats = [m for m in [64, 32, 32, 64, 128, 128] * 2 if m % 64 == 0]
+    nf4 = sum(m // 2 + m // 64 + 4 + 4 for m in mats)
+    assert state_bytes(TINY, qlora)["weights"] == (n - sum(mats)) * 4 + nf4 + 4 * 224
     assert abs(NF4_BYTES - 4.127 / 8) < 1e-4  # QLoRA paper: 0.127 bits of constants/param
 
 
@@ -300,3 +303,38 @@ def test_run_length_counts_data_parallel_ranks_only() -> None:
     # 8x the tokens on 8x the devices: the same wall time
     assert eight["run"]["tokens"] == 8 * one["run"]["tokens"]
     assert eight["time"][0]["seconds"] == pytest.approx(one["time"][0]["seconds"])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("name", ["llama-1m", "mqa-untied", "gpt2-untied-nobias"])
+def test_qlora_weights_are_what_the_built_model_stores(name: str, double_quant: bool) -> None:
+    """The plan's QLoRA weight bytes = storage_bytes of the model finetune builds, on the meta
+    device (full size) and built for real (one layer), less the RoPE tables the plan ignores."""
+    from lmforge.models.lora import LoraConfig
+    from lmforge.models.quant import is_nf4, nf4_summary
+    from lmforge.models.quant import storage_bytes as stored
+    from lmforge.train.finetune import adapt
+
+    def storage_bytes(model: torch.nn.Module) -> int:
+        quant = {id(b) for m in model.modules() if is_nf4(m) for b in m.buffers()}
+        tables = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in quant)
+        return stored(model) - tables
+
+    cfg = VARIANTS[name]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mlp = ["gate_proj", "up_proj", "down_proj"] if cfg.mlp == "swiglu" else ["fc_in", "fc_out"]
+    lora = LoraConfig(rank=4, targets=attn + mlp, double_quant=double_quant)
+    s = TrainSettings(method="qlora", lora_rank=4, double_quant=double_quant)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    adapt(model, "qlora", lora)
+    planned = train_memory(cfg, s)
+    assert storage_bytes(model) == planned["weights"]
+    assert nf4_summary(model)["bits_per_weight"] == pytest.approx(
+        planned["nf4"]["bits_per_weight"])
+    small = dataclasses.replace(cfg, n_layer=1, vocab_size=128, block_size=64)
+    real = Decoder(small)
+    real.init_weights(torch.Generator().manual_seed(0))
+    adapt(real, "qlora", lora)
+    assert storage_bytes(real) == train_memory(small, s)["weights"]
+    assert next(real.parameters()).dtype == torch.float32  # the plan's "other_dtype"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,11 @@ class LoraConfig:
     """Dropout on the adapter's input (the base path never sees it)."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module-name suffixes of the linear layers to adapt (exact dotted suffixes)."""
+    double_quant: bool = True
+    """qlora: also quantize the NF4 block maxima to 8 bits (4.127 instead of 4.5 bits/weight),
+    as in the QLoRA paper."""
+    quant_backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
+    """qlora: the NF4 implementation; auto = bitsandbytes when installed, else plain PyTorch."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:

@@ -54,6 +54,7 @@ from lmforge.interop.hf import TOKENIZER_FILE
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification
 from lmforge.models.lora import LoraConfig, adapter_state_dict, lora_info
+from lmforge.models.quant import nf4_summary, storage_bytes
 from lmforge.run import (
     ADAPTER_FILE,
     ADAPTER_INFO,
@@ -347,8 +348,10 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
     digest = data_digest(cfg.data)
     state, done = resume_from(cfg, setup, run_dir, batches, digest, console)
     before = done["before"] if "before" in done else (evaluate(setup.model) if evaluate else {})
+    nf4 = nf4_summary(setup.module)  # qlora: which NF4 implementation stores the base
     info = {"base_run": str(spec.run_dir.resolve()), "method": cfg.method,
-            "lora": lora_info(cfg.lora), "adapted": adapted}
+            "lora": lora_info(cfg.lora), "adapted": adapted,
+            **({"nf4_backend": nf4["backend"]} if nf4 else {})}
     base = LoadedModel(on_meta_decoder(build), tok, spec.run_dir, spec.checkpoint, spec.step,
                        spec.eos_id, spec.bos_id, list(spec.eos_ids))
     if dist.is_main:
@@ -366,7 +369,7 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
                   f"{trainable:,} of {total:,} parameters train; {len(train_ex)} train / "
                   f"{len(val_ex)} val examples, {report.summary()['loss_fraction']:.0%} of "
                   f"tokens carry loss" + (f"; {setup.strategy} over {dist.world_size} processes"
-                                          if dist.distributed else ""))
+                                          if dist.distributed else "") + _nf4_line(nf4))
     t0 = time.time()
     loss = packed_lm_loss if cfg.pack else causal_lm_loss  # packed x = (ids, segments)
     state = run_training(setup, batches, loss(cfg.train.label_smoothing), cfg.train, cfg.optim,
@@ -386,10 +389,20 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
                "trainable_params": trainable, "params": total, "steps": state.step,
                "tokens": state.tokens, "seconds": round(time.time() - t0, 1),
                "val_loss_before": before.get("val_loss"), "val_loss": after.get("val_loss"),
-               "data": report.summary()}
+               "data": report.summary(), "model_bytes": storage_bytes(setup.module),
+               **({"nf4": nf4} if nf4 else {})}
     atomic_write_json(run_dir / "summary.json", summary)
     console.print(f"val loss on reply tokens: {before.get('val_loss')} -> {after.get('val_loss')}")
     return 0
+
+
+def _nf4_line(nf4: dict[str, Any]) -> str:
+    """The console's note of how a QLoRA base is stored ('' for other methods)."""
+    if not nf4:
+        return ""
+    how = "double quantization" if nf4["double_quant"] else "fp32 block maxima"
+    return (f"; base in NF4 by {nf4['backend']} ({how}, {nf4['bits_per_weight']:.3f} bits per "
+            f"weight over {nf4['matrices']} matrices)")
 
 
 def on_meta_decoder(build: Callable[[], nn.Module]) -> Decoder:

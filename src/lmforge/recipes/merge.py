@@ -76,9 +76,12 @@ def main(cfg: Config) -> int:
         raise UserError(f"{run_dir} exists; pass --overwrite to replace it or pick another --out")
     loaded = load_model(base)
     model = loaded.model
-    if info.get("method") == "qlora":
-        quantize_nf4(model)  # the adapter was trained on the NF4 base: merge onto that one
     lora = info["lora"]
+    if info.get("method") == "qlora":
+        # the adapter was trained on the NF4 base: merge onto that one, stored the same way
+        # (adapters written before double quantization existed used the plain PyTorch NF4)
+        quantize_nf4(model, bool(lora.get("double_quant", False)),
+                     info.get("nf4_backend", "torch"))
     apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
     load_adapter_state_dict(model, tensors, str(folder / ADAPTER_FILE))
     model.eval()

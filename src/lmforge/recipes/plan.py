@@ -202,6 +202,12 @@ def _train_memory_table(plan: dict[str, Any]) -> Table:
     t.add_row("[bold]peak estimate[/]", *(f"[bold]{fmt_bytes(by[m]['peak'])}[/]"
                                           for m in METHODS))
     t.add_row("sum of all (upper bound)", *(fmt_bytes(by[m]["sum"]) for m in METHODS))
+    q = by["qlora"]["nf4"]
+    dq = "with" if q["double_quant"] else "without"
+    t.add_row(f"qlora base: NF4 {dq} double quantization", "", "",
+              f"{q['bits_per_weight']:.3f} bits/weight")
+    t.add_row("qlora / lora frozen base: embeddings, head, norms, biases", "", "fp32",
+              f"{q['other_dtype']}")
     return t
 
 

@@ -25,7 +25,7 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import UserError
 from lmforge.models.lora import LoraConfig, LoRALinear, apply_lora, merge_lora
-from lmforge.models.quant import NF4Linear, dequantize_nf4, quantize_nf4
+from lmforge.models.quant import dequantize_nf4, is_nf4, quantize_nf4
 from lmforge.train.setup import Setup
 
 Method = Literal["full", "lora", "qlora"]
@@ -45,7 +45,8 @@ def adapt(model: nn.Module, method: Method, lora: LoraConfig,
             p.requires_grad_(True)
         return []
     if method == "qlora":
-        quantize_nf4(model)  # the frozen base is stored in 4 bits; adapters stay fp32
+        # the frozen block matrices are stored in 4 bits; adapters, embeddings, norms stay fp32
+        quantize_nf4(model, lora.double_quant, lora.quant_backend)
     names = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
     if base_dtype == "bf16":
         frozen_linears_to(model, torch.bfloat16)
@@ -76,7 +77,7 @@ def _cast_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Ten
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """The weights a run folder holds: a merged, dequantized copy of a (Q)LoRA model, else it."""
-    if not any(isinstance(m, (LoRALinear, NF4Linear)) for m in model.modules()):
+    if not any(isinstance(m, LoRALinear) or is_nf4(m) for m in model.modules()):
         return model
     return dequantize_nf4(merge_lora(copy.deepcopy(model)))
 
