@@ -1,6 +1,6 @@
 """What fine-tuning adds to the training setup: the method's adaptation of the base (full,
 LoRA, QLoRA), checkpoints that a plain decoder loads (merged weights) while still resuming
-exactly, and the resume itself. The recipe (``recipes/finetune.py``) is glue over these.
+exactly, and the resume itself. ``lmforge.finetuning`` (behind ``lmforge finetune``) uses them.
 """
 
 from __future__ import annotations
