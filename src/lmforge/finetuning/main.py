@@ -1,19 +1,5 @@
-"""Fine-tune a decoder run on chat data: full, LoRA or QLoRA, through the one training loop.
-
-Reads prompt/completion, `messages` or ShareGPT `conversations` JSONL, renders every row with
-the base run's chat template (else ChatML) and trains on the assistant tokens and each reply's
-end-of-turn token only. The checks of `lmforge data check` run first: a file that would train
-no reply token or no end-of-turn token is refused before anything is written. The new run
-folder loads like any other (`lmforge generate`, `chat`, `eval`): its checkpoint holds the
-merged weights; LoRA/QLoRA runs also keep adapter.safetensors + adapter.json (`lmforge merge`).
-
---task classify fine-tunes an encoder instead (an encoder run, or a Hugging Face BERT folder
-such as all-MiniLM-L6-v2's), with a new classification head on {text, label} rows, and reports
-val (and test) accuracy and macro-F1 before and after.
-
---resume continues an interrupted run from its latest checkpoint (weights, optimizer, RNG and
-data position), so it ends bit-identical to a run that was never stopped.
-"""
+"""The entry point of ``lmforge finetune`` (its options and behaviour: ``recipes/finetune.py``'s
+help text): joins the torchrun job, seeds, runs the task, ends a Ctrl-C in one line."""
 
 from __future__ import annotations
 

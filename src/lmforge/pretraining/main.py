@@ -1,17 +1,5 @@
-"""Pretrain a model from scratch (or from a run, --init_from): a decoder (clm), an encoder (mlm) or an encoder-decoder (seq2seq).
-
-Builds the model from a named preset (overridable field by field with --model.* for decoders,
---encoder.* for encoders, --seq2seq.* for encoder-decoders), trains it with AdamW +
-warmup/cosine through the one training loop, evaluates on held-out data, saves checkpoints,
-metrics.jsonl and a loss-curve PNG under runs/<run>/, and ends with a report.
-
---objective clm (default): next-token prediction on a prepared dataset (`lmforge data prepare`);
-val loss / perplexity / bits per byte, then samples. mlm: BERT's masked-token prediction on
-the same kind of dataset; the tokenizer gains [PAD] [CLS] [SEP] [MASK] if it lacks them (new ids
-after the existing ones, so the prepared shards stay valid); val loss and accuracy on masked
-tokens with fixed masks. seq2seq: teacher-forced source -> target on a pairs folder
-(`lmforge data synth`); val loss, token accuracy and greedy exact match on held-out pairs.
-"""
+"""The run of ``lmforge pretrain`` (its options and behaviour: ``recipes/pretrain.py``'s help
+text): checks, the training setup, resume, the one loop, checkpoints and the final report."""
 
 from __future__ import annotations
 
