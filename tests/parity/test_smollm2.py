@@ -78,3 +78,36 @@ def test_perplexity_on_real_english(smol: LoadedModel) -> None:
     ppl = math.exp(torch.nn.functional.cross_entropy(logits[0], x[0, 1:]).item())
     print(f"perplexity on 2,048 tokens of pydoc_data.topics: {ppl:.2f}")
     assert ppl < 16  # measured 11.9; a wrong permutation or tokenizer gives hundreds
+
+
+def test_continued_pretraining_from_the_import_lowers_its_loss_on_new_text(
+        smol: LoadedModel, tmp_path: Path) -> None:
+    """`pretrain --init_from` the imported SmolLM2 on 40 pydoc topics, prepared with its own
+    tokenizer: it starts at the import's loss (not a fresh init's) and its val loss goes down."""
+    import json
+    from pydoc_data.topics import topics
+
+    from lmforge.data.loader import TokenDataset, eval_batches
+    from lmforge.eval.lm import lm_loss
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in sorted(topics)[40:80]:
+        (corpus / f"{name}.txt").write_text(topics[name], encoding="utf-8")
+    assert run(["data", "prepare", str(corpus), "--out", str(tmp_path / "data"),
+                "--tokenizer", str(smol.run_dir / "tokenizer.json")]) == 0
+    val = eval_batches(TokenDataset.open(tmp_path / "data").split("val"), 4, 128, 2048)
+    before, _ = lm_loss(smol.model.float(), val)  # the same val windows pretrain evaluates
+    out = tmp_path / "runs"
+    assert run(["pretrain", "--init_from", str(smol.run_dir), "--data", str(tmp_path / "data"),
+                "--run", "smol-cont", "--runs_dir", str(out), "--train.seq_len", "128",
+                "--train.batch_size", "4", "--train.max_steps", "12", "--train.log_every", "1",
+                "--train.eval_every", "12", "--train.eval_tokens", "2048", "--optim.lr", "1e-4",
+                "--optim.warmup_steps", "2", "--sample_tokens", "0", "--train.trackers", ""]) == 0
+    lines = (out / "smol-cont" / "metrics.jsonl").read_text().splitlines()
+    train = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    summary = json.loads((out / "smol-cont" / "summary.json").read_text())
+    print(f"continued pretraining: val loss {before:.3f} -> {summary['val_loss']:.3f} "
+          f"(train loss at step 1: {train[0]:.3f})")
+    assert train[0] < 4.0  # starts from the imported weights (a fresh init: ln 49152 = 10.8)
+    assert summary["val_loss"] < before
