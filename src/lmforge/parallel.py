@@ -51,18 +51,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks: the members of the model's ModuleLists (a decoder's
     ``blocks``, an encoder's ``layer``, an encoder-decoder's two ``layers``), outermost only."""
     blocks: list[nn.Module] = []
+    outer: list[str] = []  # names of the ModuleLists taken: nested ones are inside a block
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(
-                name.startswith(f"{inner}.") for inner in _names(model, blocks)):
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(f"{o}.") for o in outer):
+            outer.append(name)
             blocks.extend(module)
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no ModuleList of blocks to wrap")
     return blocks
-
-
-def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
-    wanted = {id(m) for m in modules}
-    return [n for n, m in model.named_modules() if id(m) in wanted]
 
 
 def apply_ac(model: nn.Module) -> None:

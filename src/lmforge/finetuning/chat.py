@@ -114,7 +114,8 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
     info = {"base_run": str(spec.run_dir.resolve()), "method": cfg.method,
             "lora": lora_info(cfg.lora), "adapted": adapted,
             **({"nf4_backend": nf4["backend"]} if nf4 else {})}
-    base = LoadedModel(on_meta_decoder(build), tok, spec.run_dir, spec.checkpoint, spec.step,
+    skeleton = on_meta_decoder(build)  # shapes, counts, FLOPs: no memory
+    base = LoadedModel(skeleton, tok, spec.run_dir, spec.checkpoint, spec.step,
                        spec.eos_id, spec.bos_id, list(spec.eos_ids))
     if dist.is_main:
         write_run_files(run_dir, base, template, {"finetune": to_dict(cfg)})
@@ -125,7 +126,7 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
         if adapted and dist.is_main and not setup.sharded:
             save_adapter(run_dir, setup.module, info)
 
-    total = sum(p.numel() for p in on_meta_decoder(build).parameters())
+    total = sum(p.numel() for p in skeleton.parameters())
     trainable = sum(p.numel() for p in setup.module.parameters() if p.requires_grad)
     console.print(f"[bold]{cfg.out}[/]: {cfg.method} fine-tuning of {spec.run_dir}; "
                   f"{trainable:,} of {total:,} parameters train; {len(train_ex)} train / "
@@ -137,7 +138,7 @@ def chat_main(cfg: Config, console: Console, dist: DistInfo) -> int:
     state = run_training(setup, batches, loss(cfg.train.label_smoothing), cfg.train, cfg.optim,
                          state, LoopHooks(evaluate, save), run_dir=run_dir, name=cfg.out,
                          console=console, config=to_dict(cfg),
-                         flops_per_token=on_meta_decoder(build).flops_per_token(max_len))
+                         flops_per_token=skeleton.flops_per_token(max_len))
     after = evaluate(setup.model) if evaluate else {}
     trained = finish_run(cfg, setup, state, adapted_builder(build, adapt_fn), run_dir,
                       {"metrics": after, **meta})

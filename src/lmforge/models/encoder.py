@@ -355,7 +355,24 @@ def _init_bert(model: nn.Module, name: str, module: nn.Module, std: float,
         nn.init.zeros_(module.bias)
 
 
-class EncoderForMaskedLM(nn.Module):
+class _BertInit(nn.Module):
+    """``init_weights`` / ``init_module`` of the BERT heads (BERT's init, ``_init_bert``)."""
+
+    cfg: EncoderConfig
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialize every parameter; the same generator seed gives the same model."""
+        for name, module in self.named_modules():
+            self.init_module(name, module, generator)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module,
+                    generator: torch.Generator | None = None) -> None:
+        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
+        _init_bert(self, name, module, self.cfg.init_std, generator)
+
+
+class EncoderForMaskedLM(_BertInit):
     """Token ids (B, T) -> masked-LM logits (B, T, V) at every position.
 
     Build on the meta device, then ``to_empty`` + ``init_weights(generator)`` (as ``Decoder``).
@@ -382,17 +399,6 @@ class EncoderForMaskedLM(nn.Module):
         self._tie()
         return self
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Initialize every parameter; the same generator seed gives the same model."""
-        for name, module in self.named_modules():
-            self.init_module(name, module, generator)
-
-    @torch.no_grad()
-    def init_module(self, name: str, module: nn.Module,
-                    generator: torch.Generator | None = None) -> None:
-        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
-        _init_bert(self, name, module, self.cfg.init_std, generator)
-
     def forward(
         self,
         input_ids: Tensor,
@@ -408,7 +414,7 @@ class EncoderForMaskedLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-class EncoderForClassification(nn.Module):
+class EncoderForClassification(_BertInit):
     """Token ids (B, T) -> class logits (B, num_labels) from the pooled [CLS] state."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -418,17 +424,6 @@ class EncoderForClassification(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.n_embd, cfg.num_labels)
         self.init_weights()
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Initialize every parameter; the same generator seed gives the same model."""
-        for name, module in self.named_modules():
-            self.init_module(name, module, generator)
-
-    @torch.no_grad()
-    def init_module(self, name: str, module: nn.Module,
-                    generator: torch.Generator | None = None) -> None:
-        """Initialize the own parameters of the submodule called ``name`` (see ``init_weights``)."""
-        _init_bert(self, name, module, self.cfg.init_std, generator)
 
     def forward(
         self,
