@@ -17,7 +17,7 @@ so any template that renders a conversation as a prefix of its continuation work
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -257,11 +257,14 @@ class SftBatches:
 
     def __init__(self, examples: list[tuple[Tensor, Tensor]], batch_size: int, seq_len: int,
                  pad_id: int, seed: int, pack: bool = False, group_by_length: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1,
+                 collate: Callable[[list[Any], int], Any] | None = None) -> None:
         if not examples:
             raise UserError("no training examples left after checks")
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.pad_id, self.pack, self.group = pad_id, pack, group_by_length
+        # how a batch's examples become (x, y): padding by default; preference pairs bring theirs
+        self.collate = collate or (_pad_packed if pack else _pad)
         self.rank, self.world_size = rank, world_size
         self.gen = torch.Generator().manual_seed(seed)
         self._it: Iterator[tuple[Any, Tensor]] = iter(())
@@ -283,7 +286,7 @@ class SftBatches:
             if len(batches[b]) < self.world_size:
                 continue  # a short last batch without a row for every rank is skipped
             mine = rank_share(batches[b], self.rank, self.world_size)
-            yield (_pad_packed if self.pack else _pad)(mine, self.pad_id)
+            yield self.collate(mine, self.pad_id)
 
     def __iter__(self) -> SftBatches:
         return self

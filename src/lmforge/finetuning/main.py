@@ -12,6 +12,7 @@ from lmforge.finetuning.chat import chat_main
 from lmforge.finetuning.classify import classify_main
 from lmforge.finetuning.common import interrupted
 from lmforge.finetuning.options import Config
+from lmforge.finetuning.preference import preference_main
 from lmforge.utils.dist import init_distributed, shutdown
 from lmforge.utils.seed import seed_everything
 
@@ -24,7 +25,7 @@ def main(cfg: Config) -> int:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     try:
-        task = classify_main if cfg.task == "classify" else chat_main
+        task = {"classify": classify_main, "chat": chat_main}.get(cfg.task, preference_main)
         return task(cfg, console, info)
     except KeyboardInterrupt:
         raise interrupted(Path(cfg.runs_dir) / cfg.out) from None

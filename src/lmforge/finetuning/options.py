@@ -15,6 +15,7 @@ from lmforge.models.lora import LoraConfig
 from lmforge.train.finetune import (
     Method,
 )
+from lmforge.train.losses import PreferenceConfig
 
 
 @dataclass
@@ -24,17 +25,17 @@ class Config:
     run: str = "runs/shakespeare"
     """The base: a decoder run folder (pretrained or imported) or one of its checkpoints; classify: an encoder run or a Hugging Face BERT folder (config.json, model.safetensors, tokenizer.json)."""
     data: str = "train.jsonl"
-    """JSONL of {prompt, completion}, {messages: [...]} or {conversations: [...]} rows."""
+    """JSONL of {prompt, completion}, {messages: [...]} or {conversations: [...]} rows; dpo/ipo/orpo/simpo: {prompt, chosen, rejected} rows."""
     out: str = "finetuned"
     """Name of the new run, written to <runs_dir>/<out>/."""
-    task: Literal["chat", "classify"] = "chat"
-    """chat = a decoder on chat/completion rows; classify = an encoder run (`pretrain --objective mlm`) with a classification head on {text, label} rows."""
+    task: Literal["chat", "classify", "dpo", "ipo", "orpo", "simpo"] = "chat"
+    """chat = a decoder on chat/completion rows; classify = an encoder run (`pretrain --objective mlm`) with a classification head on {text, label} rows; dpo, ipo, orpo, simpo = a decoder on preference pairs (dpo/ipo against the frozen base: with LoRA the model with adapters off, with --method full log-probs computed once before training)."""
     text_field: str = "text"
     """classify: the JSONL field holding the text."""
     label_field: str = "label"
     """classify: the JSONL field holding the label (string or integer)."""
     val_data: str | None = None
-    """classify: JSONL of held-out rows for val accuracy / macro-F1; null = --val_fraction of --data."""
+    """classify: JSONL of held-out rows for val accuracy / macro-F1; dpo/ipo/orpo/simpo: held-out pairs for val reward accuracy; null = --val_fraction of --data."""
     test_data: str | None = None
     """classify: JSONL of test rows, scored with the untrained head before training and once after (never used for training or early stopping)."""
     method: Method = "lora"
@@ -51,6 +52,8 @@ class Config:
     """Pack whole examples back to back into rows of up to max_len tokens (less padding); each attends only within itself."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding)."""
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Strengths of the preference losses (--task dpo, ipo, orpo, simpo)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Adapters of --method lora/qlora."""
     base_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -73,8 +76,13 @@ class Config:
             raise ConfigError(f"out: '{self.out}' is not a valid run name (no '/', not hidden)")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other; choose one")
-        if self.task != "classify" and (self.val_data or self.test_data):
-            raise ConfigError("val_data, test_data: only --task classify reads them")
+        if self.task != "classify" and self.test_data:
+            raise ConfigError("test_data: only --task classify reads it")
+        if self.task == "chat" and self.val_data:
+            raise ConfigError("val_data: --task chat holds out --val_fraction of --data instead")
+        if self.pack and self.task not in ("chat", "classify"):
+            raise ConfigError(f"pack: --task {self.task} keeps each pair's two rows apart; "
+                              "drop --pack (--group_by_length works)")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.max_len is not None and self.max_len < 2:

@@ -12,6 +12,8 @@ QLoRA): anything with ``in_features``, ``out_features`` and a ``dequantize()`` m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -62,8 +64,11 @@ class LoRALinear(nn.Module):
                                                device=weight.device))
         init_lora(self)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapters_disabled(): the base layer alone
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return self.base(x)
         update = self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()  # (..., out)
         return self.base(x) + self.scaling * update
 
@@ -128,6 +133,20 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRA layers by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes as its frozen base: every adapter is skipped (as
+    peft's ``disable_adapter``). DPO's reference model is the policy this way, not a copy."""
+    layers = list(lora_modules(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 @torch.no_grad()

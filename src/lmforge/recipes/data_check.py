@@ -5,17 +5,24 @@ length distribution against the maximum length and how many rows would be cut, a
 fraction of tokens that carry loss (assistant replies and their end-of-turn token). Exits 2
 when no assistant token or no end-of-turn token would be trained — the same refusal
 `lmforge finetune` makes.
+
+A file whose first row has `chosen` and `rejected` is checked as preference pairs (`finetune
+--task dpo|ipo|orpo|simpo`): bad rows, empty or identical chosen/rejected replies and replies
+that max_len would cut off entirely are errors by file:line (exit 2); it counts duplicates,
+replies cut in part, and the length distribution.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import UserError
 from lmforge.data.check import check_sft, refusals
+from lmforge.data.preference import check_preference, is_preference_file
 from lmforge.infer.chat import chat_setup
 from lmforge.run import load_model
 
@@ -23,6 +30,7 @@ POSITIONAL = ("data",)
 EXAMPLES = """
 lmforge data check train.jsonl --run runs/shakespeare
 lmforge data check chats.jsonl --run runs/smollm2 --max_len 1024
+lmforge data check pairs.jsonl --run runs/smollm2      # {prompt, chosen, rejected} rows
 """
 
 
@@ -49,7 +57,9 @@ def main(cfg: Config) -> int:
     tok = loaded.tokenizer
     template, eot = chat_setup(loaded.run_dir, cfg.template, tok, loaded.eos_id)  # type: ignore[arg-type]
     max_len = cfg.max_len or loaded.model.cfg.block_size
-    report = check_sft(cfg.data, tok, template, eot, max_len)  # type: ignore[arg-type]
+    pairs = Path(cfg.data).is_file() and is_preference_file(cfg.data)
+    report = (check_preference if pairs else check_sft)(cfg.data, tok, template, eot,  # type: ignore[operator]
+                                                        max_len)
     for err in report.errors[: cfg.show_errors]:
         console.print(err, markup=False, highlight=False)
     if len(report.errors) > cfg.show_errors:
@@ -61,7 +71,12 @@ def main(cfg: Config) -> int:
         if key != "path":
             table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
-    reasons = refusals(report, eot)
+    if pairs:
+        if report.errors:
+            more = f" (and {len(report.errors) - 1} more bad rows)" if len(report.errors) > 1 else ""
+            raise UserError(report.errors[0] + more)
+        return 0
+    reasons = refusals(report, eot)  # type: ignore[arg-type]
     if reasons:
         raise UserError("; ".join(reasons))
     return 0

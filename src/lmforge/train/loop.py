@@ -119,14 +119,21 @@ def train(
         # DDP and FSDP average gradients over the data-parallel ranks: multiply that back
         scale = rt.dp_size / count.clamp(min=1).double()
         loss_sum = torch.zeros((), device=device)
+        extra_sums: dict[str, Tensor] = {}  # a loss's own metrics (DPO: rewards), summed
         for micro, (x, y) in enumerate(micro_batches):
             with grad_sync(model, micro == cfg.grad_accum - 1), autocast(cfg.precision, device):
-                total, _ = loss_fn(model, x, y)
+                total, _, *extras = loss_fn(model, x, y)
             scaled = total * scale.to(total.dtype)
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
             loss_sum += total.detach().float()
+            for k, v in (extras[0] if extras else {}).items():
+                extra_sums[k] = extra_sums.get(k, 0) + v.detach().float()
         tokens_all = int(count)
         loss_value = float(all_reduce_sum(loss_sum, rt.dist)) / rt.tp / max(tokens_all, 1)
+        extra: dict[str, float] = {}
+        if extra_sums:  # means over the step's pairs/tokens, as the loss
+            summed = all_reduce_sum(torch.stack(list(extra_sums.values())), rt.dist)
+            extra = {k: float(v) / rt.tp / max(tokens_all, 1) for k, v in zip(extra_sums, summed)}
 
         # 3. clip, step, zero — or skip a step whose loss or gradients are not finite
         if rt.scaler:
@@ -170,7 +177,7 @@ def train(
             t_last, tokens_last = now, state.tokens
             record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                       "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s,
-                      "peak_mem_mb": _peak_memory_mb(device)}
+                      "peak_mem_mb": _peak_memory_mb(device), **extra}
             if rt.flops_per_token and rt.peak_flops:
                 record["mfu"] = tok_s * rt.flops_per_token / (rt.peak_flops * rt.dist.world_size)
             log.log(record)

@@ -10,16 +10,20 @@ equal to ``IGNORE`` (-100) carry no loss: prompt tokens, padding, unmasked MLM p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lmforge.config import ConfigError
 from lmforge.models.decoder import Decoder
+from lmforge.models.lora import adapters_disabled
 
 IGNORE = -100
-LossFn = Callable[[nn.Module, Any, Tensor], tuple[Tensor, Tensor]]
-"""(model, inputs, labels) -> (summed loss over labelled positions, their count)."""
+LossFn = Callable[[nn.Module, Any, Tensor], tuple[Tensor, ...]]
+"""(model, inputs, labels) -> (summed loss over labelled positions, their count), optionally
+followed by a dict of other metrics summed over the same positions (the loop logs their mean)."""
 
 
 def label_count(y: Tensor) -> Tensor:
@@ -150,5 +154,121 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk: int = 256,
 
 def mean_loss(loss_fn: LossFn, model: nn.Module, x: Any, y: Tensor) -> Tensor:
     """The per-token mean of one batch, for tests and one-off evaluations."""
-    total, count = loss_fn(model, x, y)
+    total, count = loss_fn(model, x, y)[:2]
     return total / count.clamp(min=1)
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+PreferenceKind = Literal["dpo", "ipo", "orpo", "simpo"]
+
+
+@dataclass
+class PreferenceConfig:
+    """The strengths of the preference losses (each paper's recommended default)."""
+
+    beta: float = 0.1
+    """dpo: β, how tightly the policy stays near the reference (Rafailov et al. 2023); ipo: τ."""
+    orpo_lambda: float = 0.1
+    """orpo: λ, the weight of the odds-ratio term next to the chosen reply's NLL (Hong et al. 2024)."""
+    simpo_beta: float = 2.0
+    """simpo: β, the scale of the length-normalized reward (Meng et al. 2024)."""
+    simpo_gamma: float = 1.0
+    """simpo: γ, the target reward margin."""
+
+    def __post_init__(self) -> None:
+        if min(self.beta, self.orpo_lambda, self.simpo_beta) <= 0 or self.simpo_gamma < 0:
+            raise ConfigError("pref: beta, orpo_lambda and simpo_beta must be > 0, "
+                              "simpo_gamma >= 0")
+
+
+def uses_reference(kind: PreferenceKind) -> bool:
+    """DPO and IPO compare against a frozen reference model; ORPO and SimPO need none."""
+    return kind in ("dpo", "ipo")
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed log-probability of each row's labelled tokens, their number); logits (N, T, V),
+    labels (N, T) already shifted, -100 = not part of the reply."""
+    # fp32 for the same reason as summed_cross_entropy; ignored positions give 0
+    nll = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                      ignore_index=IGNORE, reduction="none")
+    return -nll.view(labels.shape).sum(-1), (labels != IGNORE).sum(-1)
+
+
+def dpo_loss(pi_c: Tensor, pi_r: Tensor, ref_c: Tensor, ref_r: Tensor,
+             beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7) per pair: -log σ(r_c - r_r), r = β(log π - log π_ref)
+    of the whole reply. Returns (loss, chosen reward, rejected reward), each (B,)."""
+    r_c, r_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    return -nn.functional.logsigmoid(r_c - r_r), r_c.detach(), r_r.detach()
+
+
+def ipo_loss(pi_c: Tensor, pi_r: Tensor, ref_c: Tensor, ref_r: Tensor,
+             tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al. 2023, eq. 17) per pair: (h - 1/(2τ))², h the difference of the replies'
+    log-likelihood ratios to the reference (whole-reply sums, as the paper; TRL averages them
+    per token). Rewards are the ratios themselves."""
+    r_c, r_r = pi_c - ref_c, pi_r - ref_r
+    return (r_c - r_r - 1 / (2 * tau)) ** 2, r_c.detach(), r_r.detach()
+
+
+def orpo_loss(mean_c: Tensor, mean_r: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, eq. 6-7) per pair from mean token log-probs: the chosen reply's
+    NLL + λ·(-log σ(log odds(c) - log odds(r))), odds(y) = P(y) / (1 - P(y)). Rewards are
+    λ times the mean log-probs (as TRL logs them)."""
+    # log(1 - P) = log1p(-exp(log P)); mean log-probs are < 0, so P < 1 and this is finite
+    log_odds = (mean_c - mean_r) - (torch.log1p(-mean_c.exp()) - torch.log1p(-mean_r.exp()))
+    loss = -mean_c - lam * nn.functional.logsigmoid(log_odds)
+    return loss, lam * mean_c.detach(), lam * mean_r.detach()
+
+
+def simpo_loss(mean_c: Tensor, mean_r: Tensor, beta: float,
+               gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6) per pair: -log σ(β·mean log π(c) - β·mean log π(r) - γ);
+    the rewards are β times the mean token log-probs (no reference model)."""
+    r_c, r_r = beta * mean_c, beta * mean_r
+    return -nn.functional.logsigmoid(r_c - r_r - gamma), r_c.detach(), r_r.detach()
+
+
+@torch.no_grad()
+def adapters_off_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """The reference of a LoRA policy: the same model with its adapters switched off, in eval
+    mode (no dropout) and without gradients — the frozen base, with no second copy in memory."""
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model):
+            return sequence_logps(_forward(model, ids), labels)[0]
+    finally:
+        model.train(was_training)
+
+
+def preference_loss(kind: PreferenceKind, cfg: PreferenceConfig) -> LossFn:
+    """The loss of preference pairs: x = (ids (2B, T): B chosen rows then their B rejected
+    rows, labels (2B, T): reply tokens only, reference log-probs (2B,) or None), y one entry
+    per pair. Returns (summed loss, pairs, summed metrics): reward margin and accuracy, the
+    replies' summed log-probs, and how often the chosen reply has the higher mean token
+    log-prob (the policy's own preference; DPO's reward accuracy is 0 before any step). Without precomputed reference log-probs, DPO/IPO take them
+    from the model with its LoRA adapters off (``adapters_off_logps``)."""
+
+    def loss_fn(model: nn.Module, x: Any, y: Tensor) -> tuple[Tensor, ...]:
+        ids, labels, ref = x
+        logps, counts = sequence_logps(_forward(model, ids), labels)  # (2B,), (2B,)
+        pi_c, pi_r = logps.chunk(2)
+        mean_c, mean_r = (logps / counts.clamp(min=1)).chunk(2)
+        if kind in ("orpo", "simpo"):
+            loss, r_c, r_r = (orpo_loss(mean_c, mean_r, cfg.orpo_lambda) if kind == "orpo"
+                              else simpo_loss(mean_c, mean_r, cfg.simpo_beta, cfg.simpo_gamma))
+        else:
+            ref_c, ref_r = (ref if ref is not None
+                            else adapters_off_logps(model, ids, labels)).chunk(2)
+            loss, r_c, r_r = (dpo_loss if kind == "dpo" else ipo_loss)(
+                pi_c, pi_r, ref_c, ref_r, cfg.beta)
+        metrics = {"reward_margin": (r_c - r_r).sum(), "reward_accuracy": (r_c > r_r).sum(),
+                   "logps_chosen": pi_c.detach().sum(), "logps_rejected": pi_r.detach().sum(),
+                   # the model's own choice, reference-free: a higher mean token log-prob
+                   "choice_accuracy": (mean_c > mean_r).sum()}
+        return loss.sum(), label_count(y), metrics
+
+    return loss_fn
