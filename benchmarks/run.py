@@ -1,7 +1,7 @@
 """Run the whole benchmark suite and write benchmarks/RESULTS.md.
 
     python benchmarks/run.py                  # everything (~10-15 minutes on 2 CPU cores)
-    python benchmarks/run.py --only train     # one part: train, data, memory, qlora
+    python benchmarks/run.py --only train     # one part: train, data, memory, qlora, preference
 
 Benchmarks are never part of `make test`: timing lives here, as ratios against a peer
 measured in the same run, with the absolute numbers beside them. The machine, the date, the
@@ -55,7 +55,13 @@ def parts() -> dict[str, Callable[[], Section]]:
 
         return qlora_memory.run()
 
-    return {"train": train, "data": data, "memory": memory, "qlora": qlora}
+    def preference() -> Section:
+        import preference_memory
+
+        return preference_memory.run()
+
+    return {"train": train, "data": data, "memory": memory, "qlora": qlora,
+            "preference": preference}
 
 
 def render(sections: list[Section], facts: dict[str, str], started: str, load: tuple[str, str],
@@ -81,8 +87,8 @@ def render(sections: list[Section], facts: dict[str, str], started: str, load: t
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts and write RESULTS.md (or --out)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="train,data,memory,qlora",
-                    help="comma-separated parts: train, data, memory, qlora")
+    ap.add_argument("--only", default="train,data,memory,qlora,preference",
+                    help="comma-separated parts: train, data, memory, qlora, preference")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
     table = parts()

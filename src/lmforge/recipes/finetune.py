@@ -11,6 +11,11 @@ merged weights; LoRA/QLoRA runs also keep adapter.safetensors + adapter.json (`l
 such as all-MiniLM-L6-v2's), with a new classification head on {text, label} rows, and reports
 val (and test) accuracy and macro-F1 before and after.
 
+--task dpo (and ipo, orpo, simpo) trains on {prompt, chosen, rejected} preference pairs: the
+same run with another batch and loss. DPO/IPO's reference is the frozen base — with LoRA the
+same model with its adapters off, with --method full log-probs computed once before training.
+Logged: loss, reward margin and accuracy, the replies' log-probs; held-out pairs before/after.
+
 --resume continues an interrupted run from its latest checkpoint (weights, optimizer, RNG and
 data position), so it ends bit-identical to a run that was never stopped.
 """
@@ -26,6 +31,7 @@ EXAMPLES = """
 lmforge finetune --run shakespeare --data chat.jsonl --method lora --out chat-lora
 lmforge finetune --run smollm2 --data qa.jsonl --method qlora --lora.rank 16 --out qa
 lmforge finetune --run shakespeare --data pc.jsonl --method full --train.max_steps 300 --out pc
+lmforge finetune --task dpo --run smollm2 --data pairs.jsonl --out dpo   # LoRA, beta 0.1
 lmforge finetune --task classify --run runs/bert --data reviews.jsonl --method full --out senti
 lmforge finetune --run smollm2 --data qa.jsonl --out qa --resume   # continue after a stop
 torchrun --nproc_per_node 2 -m lmforge.cli finetune --run smollm2 --data qa.jsonl --out qa \\
