@@ -10,6 +10,7 @@ base before its first step, and carried in the batches (as TRL's ``precompute_re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from lmforge.data.preference import (
 )
 from lmforge.finetuning.chat import DecoderBase, DecoderTask, decoder_base, train_decoder
 from lmforge.finetuning.options import Config
-from lmforge.parallel import autocast
+from lmforge.parallel import Precision, autocast
 from lmforge.train.loop import EvalFn
 from lmforge.train.losses import LossFn, preference_loss, sequence_logps, uses_reference
 from lmforge.train.setup import Setup, data_ranks
@@ -69,7 +70,8 @@ def mean_over(loss_fn: LossFn, model: nn.Module, batches: list[Any]) -> dict[str
     return {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
 
 
-def reference_logps(model: nn.Module, precision: Any, device: str) -> Any:
+def reference_logps(model: nn.Module, precision: Precision,
+                    device: str) -> Callable[[list[Pair]], Tensor]:
     """The base's summed reply log-probs of a list of pairs (chosen rows, then rejected), at
     the training precision so the policy starts exactly at the reference."""
 

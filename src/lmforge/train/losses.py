@@ -254,15 +254,17 @@ def preference_loss(kind: PreferenceKind, cfg: PreferenceConfig) -> LossFn:
 
     def loss_fn(model: nn.Module, x: Any, y: Tensor) -> tuple[Tensor, ...]:
         ids, labels, ref = x
+        if uses_reference(kind) and ref is None:  # before the policy's forward, as TRL
+            ref = adapters_off_logps(model, ids, labels)
         logps, counts = sequence_logps(_forward(model, ids), labels)  # (2B,), (2B,)
         pi_c, pi_r = logps.chunk(2)
         mean_c, mean_r = (logps / counts.clamp(min=1)).chunk(2)
-        if kind in ("orpo", "simpo"):
-            loss, r_c, r_r = (orpo_loss(mean_c, mean_r, cfg.orpo_lambda) if kind == "orpo"
-                              else simpo_loss(mean_c, mean_r, cfg.simpo_beta, cfg.simpo_gamma))
+        if kind == "orpo":
+            loss, r_c, r_r = orpo_loss(mean_c, mean_r, cfg.orpo_lambda)
+        elif kind == "simpo":
+            loss, r_c, r_r = simpo_loss(mean_c, mean_r, cfg.simpo_beta, cfg.simpo_gamma)
         else:
-            ref_c, ref_r = (ref if ref is not None
-                            else adapters_off_logps(model, ids, labels)).chunk(2)
+            ref_c, ref_r = ref.chunk(2)
             loss, r_c, r_r = (dpo_loss if kind == "dpo" else ipo_loss)(
                 pi_c, pi_r, ref_c, ref_r, cfg.beta)
         metrics = {"reward_margin": (r_c - r_r).sum(), "reward_accuracy": (r_c > r_r).sum(),
