@@ -175,8 +175,11 @@ def train_decoder(cfg: Config, console: Console, dist: DistInfo, base_run: Decod
     if dist.is_main:
         write_run_files(run_dir, base, base_run.template, {"finetune": to_dict(cfg)})
     meta = {"method": cfg.method, "before": before, "data_sha256": digest}
+    last: dict[str, float] = {}  # the loop's evaluation at its last step
 
     def save(state: TrainState, metrics: dict[str, float]) -> None:
+        last.clear()
+        last.update(metrics)
         save_resumable(run_dir, state, setup, {"metrics": metrics, **meta}, cfg.train.keep_last)
         if adapted and dist.is_main and not setup.sharded:
             save_adapter(run_dir, setup.module, info)
@@ -193,7 +196,8 @@ def train_decoder(cfg: Config, console: Console, dist: DistInfo, base_run: Decod
                          state, LoopHooks(evaluate, save), run_dir=run_dir, name=cfg.out,
                          console=console, config=to_dict(cfg),
                          flops_per_token=skeleton.flops_per_token(max_len))
-    after = evaluate(setup.model) if evaluate else {}
+    # the loop evaluated the final weights already, unless it had no step left to run
+    after = last or (evaluate(setup.model) if evaluate else {})
     trained = finish_run(cfg, setup, state, adapted_builder(build, adapt_fn), run_dir,
                          {"metrics": after, **meta})
     if trained is None:
