@@ -72,8 +72,8 @@ def _status_kib(key: str) -> int:
 
 def worker(root: Path, label: str) -> dict:
     """One fine-tuning run in this fresh process; its memory in bytes."""
+    import lmforge.finetuning.chat as recipe  # where the run calls save_resumable
     import lmforge.models.quant as quant
-    import lmforge.recipes.finetune as recipe
     from lmforge import cli
 
     quant.bitsandbytes_available()  # import bitsandbytes in every case: an equal baseline
