@@ -13,6 +13,7 @@ from lmforge import cli
 from lmforge.config import UserError
 from lmforge.run import load_model
 from tests.smoke.helpers import TINY_MODEL, assert_user_error, lmforge
+from tests.smoke.test_classify_demo import RESUME, _assert_same, _final, _interrupted_then_resumed
 
 BASE = "pref-base"
 FT = ["--train.max_steps", "6", "--train.batch_size", "4", "--train.eval_every", "3",
@@ -72,3 +73,20 @@ def test_bad_pairs_are_refused_by_file_and_line(prefdir: Path,
         cli.run(["finetune", "--task", "dpo", "--run", f"runs/{BASE}", "--data",
                  "bad-pref.jsonl", "--out", "never", *FT])
     assert not (prefdir / "runs" / "never").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_resume_is_bit_identical(prefdir: Path, method: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after the step-3 save and resumed, a DPO run ends as one never stopped (full:
+    the reference log-probs are computed again from the base, not from the resumed weights)."""
+    monkeypatch.chdir(prefdir)
+    args = ["finetune", "--task", "dpo", "--run", f"runs/{BASE}", "--data", "pref.jsonl",
+            "--method", method, "--train.batch_size", "4", "--train.threads", "1",
+            "--optim.lr", "1e-2", "--optim.warmup_steps", "1", *RESUME]
+    straight = prefdir / "runs" / f"dpo-{method}-straight"
+    assert cli.run([*args, "--out", straight.name, "--overwrite"]) == 0
+    run = _interrupted_then_resumed(args, f"dpo-{method}-broken", monkeypatch)
+    _assert_same(_final(straight), _final(run))
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (straight, run))
+    assert a["val_after"] == b["val_after"] and a["val_before"] == b["val_before"]
