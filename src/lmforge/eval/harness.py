@@ -118,8 +118,8 @@ class HarnessLM(TemplateLM):
             until = gen_kwargs.get("until") or [self._tok.decode([self._eos])]
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            text = greedy_until(self.model, self._tok, self.tok_encode(context) or [self.prefix_token_id],
-                                until, max_new, self._eos)
+            prompt = self.tok_encode(context) or [self.prefix_token_id]
+            text = greedy_until(self.model, self._tok, prompt, until, max_new, self._eos)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
