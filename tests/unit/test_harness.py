@@ -23,6 +23,7 @@ from lmforge import cli
 from lmforge.config import UserError
 from lmforge.eval.harness import HarnessLM
 from lmforge.eval.lm import lm_loss, text_windows
+from lmforge.infer.chat import chat_setup
 from lmforge.infer.generate import generate
 from lmforge.run import LoadedModel, load_model
 from tests.serve import make_tiny_run
@@ -151,3 +152,14 @@ def test_an_unknown_task_is_a_one_line_error(loaded: LoadedModel) -> None:
     with pytest.raises(UserError, match="unknown task 'no_such_task'"):
         cli.run(["eval", str(loaded.run_dir), "--harness", "no_such_task", "--harness_include",
                  str(TASKS)])
+
+
+def test_chat_template_only_when_asked(loaded: LoadedModel) -> None:
+    template, _ = chat_setup(loaded.run_dir, None, loaded.tokenizer, loaded.eos_id)
+    lm = HarnessLM(loaded.model, loaded.tokenizer, loaded.eos_id, template=template)
+    chat = [{"role": "user", "content": "What is two plus two?"}]
+    assert lm.apply_chat_template(chat) == template.render(chat, add_generation_prompt=True)
+    assert "<|im_start|>user\nWhat is two plus two?" in lm.apply_chat_template(chat)
+    assert lm.chat_template(False) is None and lm.chat_template(True) == template.source
+    with pytest.raises(UserError, match="no chat template"):
+        _lm(loaded).apply_chat_template(chat)

@@ -1,4 +1,4 @@
-"""Evaluate a run on a file: perplexity, greedy generations, or classification accuracy.
+"""Evaluate a run: perplexity, greedy generations, classification, lm_eval tasks, memorization.
 
 A `.txt` file, or JSONL rows with a "text" field, gives loss and perplexity over all tokens.
 JSONL chat rows ({prompt, completion}, {messages}, {conversations}) give loss and perplexity
