@@ -32,6 +32,15 @@ def lm_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple
     return total / count, count
 
 
+def text_windows(ids: Tensor, block_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Batches (x, y) of one row that cover a token stream (T,) in disjoint windows of
+    ``block_size`` predictions, each conditioned on its own window only; the first token is
+    not predicted."""
+    window = block_size + 1
+    chunks = [ids[k: k + window] for k in range(0, len(ids) - 1, window - 1)]
+    return [(c[:-1][None], c[1:][None]) for c in chunks if len(c) > 1]
+
+
 def lm_metrics(loss: float, bytes_per_token: float | None) -> dict[str, float]:
     """Perplexity = exp(loss); bits per byte = loss / ln 2 / (bytes per token).
 
