@@ -77,26 +77,33 @@ class DocStats:
     seen: set[bytes] = field(default_factory=set, repr=False)
 
 
-def clean_documents(
-    docs: Iterable[str], stats: DocStats, opts: CleanOptions | None = None, dedup: bool = True
-) -> Iterator[str]:
-    """Yield cleaned, non-empty documents, dropping exact duplicates when ``dedup``.
+def clean_one(raw: str, stats: DocStats, opts: CleanOptions, dedup: bool = True) -> str | None:
+    """The cleaned document, or None when it is empty or (with ``dedup``) an exact duplicate.
 
     Memory grows only with the number of distinct documents (one 16-byte digest each).
     """
+    stats.read += 1
+    text = clean_text(raw, opts)
+    if not text:
+        stats.empty += 1
+        return None
+    if dedup:
+        h = doc_hash(text)
+        if h in stats.seen:
+            stats.duplicates += 1
+            return None
+        stats.seen.add(h)
+    stats.kept += 1
+    stats.chars += len(text)
+    return text
+
+
+def clean_documents(
+    docs: Iterable[str], stats: DocStats, opts: CleanOptions | None = None, dedup: bool = True
+) -> Iterator[str]:
+    """Yield cleaned, non-empty documents, dropping exact duplicates when ``dedup``."""
     opts = opts or CleanOptions()
     for raw in docs:
-        stats.read += 1
-        text = clean_text(raw, opts)
-        if not text:
-            stats.empty += 1
-            continue
-        if dedup:
-            h = doc_hash(text)
-            if h in stats.seen:
-                stats.duplicates += 1
-                continue
-            stats.seen.add(h)
-        stats.kept += 1
-        stats.chars += len(text)
-        yield text
+        text = clean_one(raw, stats, opts, dedup)
+        if text is not None:
+            yield text
