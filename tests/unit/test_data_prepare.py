@@ -225,6 +225,8 @@ def test_config_validation_and_docs() -> None:
         PrepareConfig, ["--inputs", "a.txt,b.jsonl", "--val_fraction", "0.1", "--dedup", "false"]
     )
     assert cfg.inputs == ["a.txt", "b.jsonl"] and cfg.val_fraction == 0.1 and not cfg.dedup
+    cfg = build(PrepareConfig, ["--inputs", "a/", "b.jsonl", "--weights", "0.7", "0.3"])
+    assert cfg.inputs == ["a/", "b.jsonl"] and cfg.weights == [0.7, 0.3]
     docs = field_docs(PrepareConfig)
     assert set(docs) == set(PrepareConfig.__dataclass_fields__)
     assert all(docs.values())

@@ -151,6 +151,20 @@ def _mixed_inputs(tmp_path: Path) -> list[str]:
     return [str(jsonl), str(folder), str(tmp_path / "c.parquet")]
 
 
+def test_slices_partition_every_input_kind(tmp_path: Path) -> None:
+    """Any K: the slices' documents, file by file, are exactly the whole corpus's."""
+    from lmforge.data.sources import Corpus
+
+    inputs = _mixed_inputs(tmp_path)
+    whole = list(Corpus(inputs).documents())
+    for k in (1, 2, 3, 7, 300):  # 300: more slices than files, row groups, some lines
+        parts = [list(Corpus(inputs, num_shards=k, shard_index=i).documents()) for i in range(k)]
+        assert sorted(d for p in parts for d in p) == sorted(whole)
+        for p in parts:  # a slice keeps the corpus order
+            mine = set(p)
+            assert p == [d for d in whole if d in mine]
+
+
 def _bincounts(out: Path, split: str) -> np.ndarray:
     ds = TokenDataset.open(out)
     return sum(np.bincount(a, minlength=ds.vocab_size) for a in ds.split(split))
