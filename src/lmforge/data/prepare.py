@@ -165,11 +165,12 @@ def prepare(cfg: PrepareConfig, console: Console | None = None) -> Path:
     near = NearDupFilter(cfg.near_dup) if cfg.near_dup else None
     try:
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp, _progress(console) as progress:
+            began = time.perf_counter()
             tok = given or _train_tokenizer(corpus, cfg, opts, near, progress)
             trained = time.perf_counter()
             report = _write_dataset(tmp, tok, corpus, cfg, opts, near, progress)
             done = time.perf_counter()
-            report.seconds_tokenizer = 0.0 if given else round(trained - start, 3)
+            report.seconds_tokenizer = 0.0 if given else round(trained - began, 3)
             report.seconds_encoding = round(done - trained, 3)
             report.seconds = round(done - start, 3)
             atomic_write_json(tmp / "report.json", report.to_dict())
@@ -196,7 +197,7 @@ def _progress(console: Console) -> Progress:
 def _no_documents(stats: DocStats, corpus: Corpus) -> UserError:
     where = ""
     if corpus.num_shards > 1:
-        where = (f"slice {corpus.shard_index} of {corpus.num_shards} of ")
+        where = f"slice {corpus.shard_index} of {corpus.num_shards} of "
     return UserError(
         f"no documents to prepare in {where}{', '.join(corpus.sources[:3])}"
         f"{' ...' if len(corpus.sources) > 3 else ''} (read {stats.read}: {stats.empty} empty, "
