@@ -289,3 +289,9 @@ def test_mixture_weights_honoured_in_tokens(tmp_path: Path) -> None:
     assert np.array_equal(next(again)[0].numpy(), nxt.numpy())
     with pytest.raises(ConfigError, match="weights: 1 given for 2 inputs"):
         PrepareConfig(inputs=["a", "b"], weights=[1.0])
+    # a weighted source left with no tokens (here: all duplicates of the first) is refused
+    (tmp_path / "c.jsonl").write_text((tmp_path / "b.jsonl").read_text())
+    with pytest.raises(UserError, match="c.jsonl has no training tokens"):
+        prepare(PrepareConfig(inputs=[str(tmp_path / f) for f in ("b.jsonl", "c.jsonl")],
+                              out=str(tmp_path / "x"), vocab_size=400, weights=[1, 1]))
+    assert not (tmp_path / "x").exists()

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from lmforge.config import ConfigError, UserError
 from lmforge.data.loader import TokenDataset
-from lmforge.data.prepare import TOKENIZER_FILE, check_splits
+from lmforge.data.prepare import TOKENIZER_FILE, check_sources, check_splits
 from lmforge.utils.io import atomic_dir, atomic_write_json
 
 # Report counters that add up over slices.
@@ -149,6 +149,7 @@ def merge(cfg: MergeConfig, console: Console | None = None) -> Path:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         splits, sources = _merge_shards(sets, tmp)
         check_splits(splits, int(sets[0].manifest["split"].get("split_chars", 0)))
+        check_sources(sources, [s.get("weight") for s in sources])
         shutil.copyfile(sets[0].tokenizer_path, tmp / TOKENIZER_FILE)
         manifest = {k: v for k, v in sets[0].manifest.items() if k not in ("slice",)}
         manifest.update(splits=splits, sources=sources,

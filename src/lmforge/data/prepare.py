@@ -302,8 +302,9 @@ def _write_dataset(
     progress.remove_task(task)
     if stats.kept == 0:
         raise _no_documents(stats, corpus)
-    if cfg.num_shards == 1:
+    if cfg.num_shards == 1:  # a slice may lack a split or a source: data merge checks the whole
         check_splits(splits, cfg.split_chars)
+        check_sources(sources, _weights(cfg))
     _fill_report(report, stats, corpus, near, splits, sources, cfg)
     manifest = build_manifest(cfg, vocab, eos, opts, splits, sources)
     atomic_write_json(tmp / "manifest.json", manifest)
@@ -345,6 +346,17 @@ def _weights(cfg: PrepareConfig) -> list[float | None]:
         return [None] * max(len(cfg.inputs), 1)
     total = sum(cfg.weights)
     return [w / total for w in cfg.weights]
+
+
+def check_sources(sources: list[dict[str, Any]], weights: list[float | None]) -> None:
+    """A weighted source must have training tokens, or its weight could not be honoured."""
+    for src, w in zip(sources, weights):
+        if w is not None and src["tokens"]["train"] == 0:
+            raise UserError(
+                f"input {src['name']} has no training tokens (all its documents were empty, "
+                "duplicates of earlier ones, or held out), so its weight cannot be honoured; "
+                "remove it and its weight from --inputs/--weights"
+            )
 
 
 def check_splits(splits: dict[str, dict[str, Any]], split_chars: int) -> None:
