@@ -1,14 +1,18 @@
-"""Data preparation throughput (MB/s) and peak memory at ~10 MB and ~100 MB of input.
+"""Data preparation: tokenizer training and encoding, each against `tokenizers` doing the same.
 
 The input is JSONL made of CPython's documentation topics (``pydoc_data.topics``, offline)
 repeated with a unique header line per copy, so de-duplication keeps every document. Each
 run is a fresh `lmforge data prepare` subprocess (train a 4,096-token BPE, encode, write
-shards); its peak RSS is read with ``resource.getrusage(RUSAGE_CHILDREN)`` in a small wrapper
-process that runs nothing else. The peer is the bare ``tokenizers`` pipeline a user would
-write by hand on the same file: stream it, train the same byte-level BPE, ``encode_batch``,
-append uint16 ids to one file — no cleaning, de-duplication, validation split or report.
+shards); it reports the seconds of its two passes apart in report.json (``seconds_tokenizer``:
+read + clean + dedup + ``train_from_iterator``; ``seconds_encoding``: read + clean + dedup +
+split + ``encode_batch_fast`` + write). Its peak RSS is read with ``getrusage(RUSAGE_CHILDREN)`` in
+a small wrapper process that runs nothing else. The peer is the bare ``tokenizers`` pipeline a
+user would write by hand on the same file, timed the same two ways: stream it into the same
+byte-level BPE trainer (``train_from_iterator``), then stream it again through
+``encode_batch_fast`` (``encode_batch`` without character offsets, the library's fastest
+batch encoder) and append uint16 ids to one file; no cleaning, dedup, split or report.
 
-    python benchmarks/data_prepare.py [--sizes 10,100]
+    python benchmarks/data_prepare.py [--sizes 10,100] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ from lmforge.data.corpora import pydoc_topics_text
 WRAPPER = """
 import json, resource, subprocess, sys, time
 t0 = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 dt = time.perf_counter() - t0
-print(json.dumps({"rc": rc, "seconds": dt,
+last = (p.stdout.strip().splitlines() or ["null"])[-1]
+try:
+    child = json.loads(last)
+except ValueError:
+    child = None
+print(json.dumps({"rc": p.returncode, "seconds": dt, "child_stdout": child,
                   "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
-# The hand-written peer: the same tokenizer training and encoding, nothing else.
+# The hand-written peer: the same tokenizer training and encoding, nothing else, timed apart.
 PEER = """
-import json, sys
+import json, sys, time
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 src, out = sys.argv[1], sys.argv[2]
@@ -44,6 +53,7 @@ def texts():
     with open(src, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)["text"]
+t0 = time.perf_counter()
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()
@@ -51,17 +61,21 @@ trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                               show_progress=False)
 tok.train_from_iterator(texts(), trainer=trainer)
+t1 = time.perf_counter()
 eos = tok.token_to_id("<|endoftext|>")
+encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: the fastest path
 with open(out, "wb") as f:
     batch = []
     for text in texts():
         batch.append(text)
         if len(batch) == 1000:
-            for enc in tok.encode_batch(batch):
+            for enc in encode(batch):
                 np.asarray(enc.ids + [eos], dtype=np.uint16).tofile(f)
             batch = []
-    for enc in tok.encode_batch(batch):
+    for enc in encode(batch):
         np.asarray(enc.ids + [eos], dtype=np.uint16).tofile(f)
+t2 = time.perf_counter()
+print(json.dumps({"seconds_tokenizer": t1 - t0, "seconds_encoding": t2 - t1}))
 """
 
 
@@ -79,49 +93,68 @@ def make_corpus(path: Path, megabytes: float) -> int:
     return path.stat().st_size
 
 
-def measured(cmd: list[str]) -> dict:
-    """Wall seconds and peak RSS (bytes) of ``cmd``, run under the wrapper."""
+def measured(cmd: list[str], phases: Path | None = None) -> dict:
+    """Wall seconds, the two phases' seconds and peak RSS (bytes) of ``cmd`` (under the wrapper).
+
+    The phases come from ``phases`` (lmforge's report.json) or else from the command's last
+    stdout line (the peer's JSON).
+    """
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True,
                           text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed with exit code {result['rc']}")
-    return {"seconds": result["seconds"], "peak_rss": result["maxrss_kib"] * 1024}
+    return {"seconds": result["seconds"], "peak_rss": result["maxrss_kib"] * 1024,
+            **_phases(phases, result)}
+
+
+def _phases(report: Path | None, result: dict) -> dict:
+    if report is not None:
+        r = json.loads(report.read_text())
+    else:
+        r = result["child_stdout"]
+    return {"tokenizer": r["seconds_tokenizer"], "encoding": r["seconds_encoding"]}
 
 
 def measure(megabytes: float, work: Path, repeats: int) -> dict:
     """lmforge and the peer on one corpus size, alternated; the best of ``repeats`` each.
 
-    The best (not the median) of a few: a shared machine's load only ever slows a run down.
+    The best (not the median) of a few, per phase: a shared machine's load only ever slows
+    a run down.
     """
     src = work / f"corpus_{megabytes:g}mb.jsonl"
     size = make_corpus(src, megabytes)
     out, peer_out = work / f"out_{megabytes:g}", work / f"peer_{megabytes:g}.bin"
     cmds = {
         "lmforge": [sys.executable, "-m", "lmforge.cli", "data", "prepare", str(src), "--out",
-                    str(out), "--vocab_size", "4096", "--overwrite"],
+                    str(out), "--vocab_size", "4096", "--overwrite", "true"],
         "peer": [sys.executable, "-c", PEER, str(src), str(peer_out)],
     }
+    reports = {"lmforge": out / "report.json", "peer": None}
     runs: dict[str, list[dict]] = {name: [] for name in cmds}
     for _ in range(repeats):
         for name, cmd in cmds.items():
-            runs[name].append(measured(cmd))
-    best = {name: min(r, key=lambda x: x["seconds"]) for name, r in runs.items()}
+            runs[name].append(measured(cmd, reports[name]))
+    best = {name: {k: min(x[k] for x in r) for k in r[0]} for name, r in runs.items()}
     return {"megabytes": size / 1e6, **best}
 
 
 def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
     """The RESULTS.md section."""
     section = Section(
-        title="Data preparation: `lmforge data prepare` vs a bare `tokenizers` script",
+        title="Data preparation: `lmforge data prepare` vs the `tokenizers` library",
         method=("JSONL of `pydoc_data.topics` documents repeated with unique header lines; "
-                "train a 4,096-token byte-level BPE, encode, write shards; each run a fresh "
-                "subprocess, peak RSS from `getrusage(RUSAGE_CHILDREN)`. The peer trains the "
-                "same BPE and `encode_batch`es the same file with no cleaning, dedup, val split "
-                f"or report. MB = 10^6 bytes of input file. The two alternate, {repeats} runs "
-                "each; the fastest run of each is shown (load only ever slows a run)."),
-        columns=["input", "lmforge MB/s", "peer MB/s", "ratio lmforge / peer (speed)",
-                 "lmforge peak RSS", "peer peak RSS", "lmforge RSS vs smallest input"],
+                "train a 4,096-token byte-level BPE, then encode and write shards; each run a "
+                "fresh subprocess, peak RSS from `getrusage(RUSAGE_CHILDREN)`. Tokenizer "
+                "training: lmforge's first pass (read, clean, dedup, `train_from_iterator`) "
+                "against `tokenizers`' `train_from_iterator` on the same file; encoding: "
+                "lmforge's second pass (read, clean, dedup, per-document split, "
+                "`encode_batch_fast`, write) against `encode_batch_fast` + write of the same "
+                f"file. MB = 10^6 bytes of input. The two alternate, {repeats} runs each; the fastest of each phase is "
+                "shown (load only ever slows a run)."),
+        columns=["input", "training MB/s: lmforge", "`train_from_iterator`", "ratio",
+                 "encoding MB/s: lmforge", "`encode_batch_fast`", "ratio", "lmforge peak RSS",
+                 "peer peak RSS", "lmforge RSS vs smallest input"],
     )
     results = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-data-") as tmp:
@@ -129,13 +162,14 @@ def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
             results.append(measure(mb, Path(tmp), repeats))
     base_rss = results[0]["lmforge"]["peak_rss"]
     for r in results:
-        ours, peer = r["lmforge"], r["peer"]
-        ours_speed = r["megabytes"] / ours["seconds"]
-        peer_speed = r["megabytes"] / peer["seconds"]
-        section.rows.append([
-            f"{r['megabytes']:.1f} MB", f"{ours_speed:.2f}", f"{peer_speed:.2f}",
-            f"**{ours_speed / peer_speed:.2f}**", f"{ours['peak_rss'] / 2**20:.0f} MiB",
-            f"{peer['peak_rss'] / 2**20:.0f} MiB", f"{ours['peak_rss'] / base_rss:.2f}x"])
+        ours, peer, mb = r["lmforge"], r["peer"], r["megabytes"]
+        row = [f"{mb:.1f} MB"]
+        for phase in ("tokenizer", "encoding"):
+            a, b = mb / ours[phase], mb / peer[phase]
+            row += [f"{a:.2f}", f"{b:.2f}", f"**{a / b:.2f}**"]
+        row += [f"{ours['peak_rss'] / 2**20:.0f} MiB", f"{peer['peak_rss'] / 2**20:.0f} MiB",
+                f"{ours['peak_rss'] / base_rss:.2f}x"]
+        section.rows.append(row)
     return section
 
 
@@ -143,8 +177,9 @@ def main() -> None:
     """Command line: print the section."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,100", help="input sizes in MB, comma-separated")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each, the best kept")
     args = ap.parse_args()
-    print(run(tuple(float(s) for s in args.sizes.split(","))).markdown())
+    print(run(tuple(float(s) for s in args.sizes.split(",")), args.repeats).markdown())
 
 
 if __name__ == "__main__":

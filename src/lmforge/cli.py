@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "data prepare": "lmforge.recipes.data_prepare",
     "data synth": "lmforge.recipes.data_synth",
     "data check": "lmforge.recipes.data_check",
+    "data merge": "lmforge.recipes.data_merge",
     "pretrain": "lmforge.recipes.pretrain",
     "finetune": "lmforge.recipes.finetune",
     "merge": "lmforge.recipes.merge",

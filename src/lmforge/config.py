@@ -413,6 +413,14 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
             else:
                 value = nxt
                 i += 1
+                # A list option also takes the values after it: --weights 0.7 0.3
+                items = [value]
+                while get_origin(inner) is list and i + 1 < len(args) and (
+                    not args[i + 1].startswith("--")
+                ):
+                    items.append(args[i + 1])
+                    i += 1
+                value = items if len(items) > 1 else value
         value = coerce(value, fields[name], f"--{name}", finite=_finite(leaves[name][1]))
         set_dotted(out, name, value)
         i += 1

@@ -20,9 +20,10 @@ from lmforge.data.clean import clean_text
 from lmforge.data.corpora import pydoc_topics_text, shakespeare_files
 from lmforge.data.prepare import PrepareConfig, prepare
 from lmforge.data.shards import DatasetWriter
+from lmforge.data.split import SplitRule
 from lmforge.data.tokenizer import train_bpe
 
-CHUNK = 512
+SPLIT_CHARS = 2000
 
 
 def _console() -> Console:
@@ -48,7 +49,7 @@ def prepared(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         out=str(out),
         vocab_size=512,
         val_fraction=0.1,
-        val_chunk_tokens=CHUNK,
+        split_chars=SPLIT_CHARS,
         shard_tokens=50_000,
         max_doc_tokens=20_000,
     )
@@ -71,42 +72,40 @@ def _split_tokens(out: Path, manifest: dict, split: str) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def test_shards_round_trip_to_the_cleaned_documents(prepared: Path, corpus_dir: Path) -> None:
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    train, val = (
-        _split_tokens(prepared, manifest, "train"),
-        _split_tokens(prepared, manifest, "val"),
-    )
-    # Re-interleave the chunks by the documented rule to get back the one token stream.
-    k = manifest["split"]["val_every"]
-    stream, t, v, i = [], 0, 0, 0
-    while t < len(train) or v < len(val):
-        if i % k == k // 2:
-            stream.append(val[v : v + CHUNK])
-            v += CHUNK
-        else:
-            stream.append(train[t : t + CHUNK])
-            t += CHUNK
-        i += 1
-    ids = np.concatenate(stream).tolist()
+def _decoded_docs(out: Path, manifest: dict, split: str) -> list[str]:
+    ids = _split_tokens(out, manifest, split).tolist()
     eos = manifest["eos_id"]
     assert ids[-1] == eos
-    tok = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     docs, start = [], 0
     for j, token in enumerate(ids):
         if token == eos:
             docs.append(tok.decode(ids[start:j]))
             start = j + 1
-    assert docs == _expected_docs(corpus_dir)
+    return docs
+
+
+def test_shards_round_trip_to_the_cleaned_documents(prepared: Path, corpus_dir: Path) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    rule = SplitRule(0.1, 0.0, SPLIT_CHARS)
+    segments = [seg for doc in _expected_docs(corpus_dir) for seg in rule.segments(doc)]
+    for split in ("train", "val"):
+        expected = [text for s, text in segments if s == split]
+        assert _decoded_docs(prepared, manifest, split) == expected
+    # and the segments of each document are its text, cut only at whitespace
+    for doc in _expected_docs(corpus_dir):
+        assert " ".join(t for _, t in rule.segments(doc)).split() == doc.split()
 
 
 def test_manifest(prepared: Path) -> None:
     m = json.loads((prepared / "manifest.json").read_text())
-    assert m["format"] == "lmforge.tokens" and m["version"] == 1
+    assert m["format"] == "lmforge.tokens" and m["version"] == 2
     assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["eos_id"] == 0
     assert m["tokenizer"] == "tokenizer.json" and m["eos_token"] == "<|endoftext|>"
     assert m["cleaning"]["unicode_form"] == "NFKC" and m["cleaning"]["dedup"] is True
-    assert m["split"]["val_every"] == 10
+    assert m["split"]["val_fraction"] == 0.1 and m["split"]["split_chars"] == SPLIT_CHARS
+    assert [src["name"] for src in m["sources"]] == [str(Path(m["inputs"][0]))]
+    assert m["sources"][0]["tokens"] == {s: m["splits"][s]["tokens"] for s in ("train", "val")}
     for split in ("train", "val"):
         s = m["splits"][split]
         assert s["tokens"] == sum(x["tokens"] for x in s["shards"]) > 0
@@ -153,7 +152,6 @@ def test_report_is_printed(corpus_dir: Path, tmp_path: Path) -> None:
             inputs=[str(corpus_dir)],
             out=str(tmp_path / "o"),
             vocab_size=300,
-            val_chunk_tokens=CHUNK,
         ),
         console,
     )
@@ -178,7 +176,6 @@ def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Mon
         inputs=[str(data)],
         out=str(out),
         tokenizer=str(tok_file),
-        val_chunk_tokens=CHUNK,
         shard_tokens=10_000,
     )
     with pytest.raises(UserError, match=rf"data\.jsonl:{len(lines)}: not a valid JSON line"):
@@ -198,9 +195,7 @@ def test_refuses_to_overwrite_unless_asked(corpus_dir: Path, tmp_path: Path) -> 
     out = tmp_path / "ds"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    cfg = PrepareConfig(
-        inputs=[str(corpus_dir)], out=str(out), vocab_size=300, val_chunk_tokens=CHUNK
-    )
+    cfg = PrepareConfig(inputs=[str(corpus_dir)], out=str(out), vocab_size=300)
     with pytest.raises(UserError, match="already exists; pass --overwrite true"):
         prepare(cfg, _console())
     assert (out / "keep.txt").exists()
@@ -214,7 +209,7 @@ def test_empty_and_too_small_inputs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no documents to prepare.*1 empty"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "blank.txt")], out=str(tmp_path / "o")))
     (tmp_path / "tiny.txt").write_text("just a few words here")
-    with pytest.raises(UserError, match="too few to split.*--val_chunk_tokens"):
+    with pytest.raises(UserError, match="split is empty.*--split_chars"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "tiny.txt")], out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
 
@@ -230,6 +225,8 @@ def test_config_validation_and_docs() -> None:
         PrepareConfig, ["--inputs", "a.txt,b.jsonl", "--val_fraction", "0.1", "--dedup", "false"]
     )
     assert cfg.inputs == ["a.txt", "b.jsonl"] and cfg.val_fraction == 0.1 and not cfg.dedup
+    cfg = build(PrepareConfig, ["--inputs", "a/", "b.jsonl", "--weights", "0.7", "0.3"])
+    assert cfg.inputs == ["a/", "b.jsonl"] and cfg.weights == [0.7, 0.3]
     docs = field_docs(PrepareConfig)
     assert set(docs) == set(PrepareConfig.__dataclass_fields__)
     assert all(docs.values())

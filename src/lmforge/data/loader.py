@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.config import UserError
-from lmforge.data.shards import MANIFEST_FORMAT, MANIFEST_VERSION
+from lmforge.data.shards import MANIFEST_FORMAT, READABLE_VERSIONS
 
 _NOT_PREPARED = "run `lmforge data prepare --out {path}` to create it"
 _BINCOUNT_CHUNK = 1 << 24  # tokens per np.bincount call: 16M int64 temporaries at most
@@ -56,7 +56,7 @@ class TokenDataset:
             raise UserError(
                 f"{mpath}: not an lmforge token manifest; " + _NOT_PREPARED.format(path=p)
             )
-        if manifest.get("version") != MANIFEST_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise UserError(
                 f"{mpath}: manifest version {manifest.get('version')} is not supported by this "
                 "lmforge; upgrade lmforge or prepare the data again"
@@ -79,6 +79,27 @@ class TokenDataset:
                 )
             arrays.append(np.memmap(f, dtype=self._dtype, mode="r"))
         return arrays
+
+    def mixture(self, name: str) -> tuple[list[int], list[float]] | None:
+        """For a weighted mixture: the source of each shard of split ``name`` and the weights.
+
+        None when the dataset has no weights (every token equally likely).
+        """
+        sources = self.manifest.get("sources") or []
+        if not sources or any(s.get("weight") is None for s in sources):
+            return None
+        owner = {f: k for k, s in enumerate(sources) for f in s["shards"].get(name, [])}
+        shards = self.manifest["splits"][name]["shards"]
+        return [owner[s["file"]] for s in shards], [float(s["weight"]) for s in sources]
+
+    def random_batches(
+        self, name: str, batch_size: int, block_size: int, seed: int, rank: int = 0,
+        world_size: int = 1,
+    ) -> RandomBatches:
+        """Training batches from split ``name``, drawn by the mixture weights if it has them."""
+        mix = self.mixture(name)
+        return RandomBatches(self.split(name), batch_size, block_size, seed, rank, world_size,
+                             sources=mix[0] if mix else None, weights=mix[1] if mix else None)
 
     def num_tokens(self, name: str) -> int:
         """Total tokens of split ``name``."""
@@ -103,7 +124,10 @@ class RandomBatches:
     Every rank draws the same global batch of ``batch_size * world_size`` windows from its own
     ``torch.Generator`` and keeps its slice, so ranks never overlap and need no communication.
     A window start is uniform over all valid starts of all shards, i.e. a shard is picked in
-    proportion to its usable length.
+    proportion to its usable length. With a mixture (``sources[i]`` = the source of shard i,
+    ``weights`` per source) each window first draws its source with probability ``weight``
+    (from the same generator), then a start uniform within that source's shards: the blended
+    sampling of Megatron-LM's and OLMo's data mixtures, at the level of windows.
     """
 
     def __init__(
@@ -114,15 +138,25 @@ class RandomBatches:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        sources: list[int] | None = None,
+        weights: list[float] | None = None,
     ) -> None:
         assert batch_size > 0 and block_size > 0 and 0 <= rank < world_size
-        self.arrays = [a for a in arrays if len(a) > block_size]
+        sources = sources if sources is not None else [0] * len(arrays)
+        assert len(sources) == len(arrays)
+        keep = [i for i, a in enumerate(arrays) if len(a) > block_size]
+        self.arrays = [arrays[i] for i in keep]
         if not self.arrays:
             raise _too_short(sum(len(a) for a in arrays), block_size)
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
+        # Shards sorted by source, so each source's start range is one contiguous span.
+        order = sorted(range(len(keep)), key=lambda j: sources[keep[j]])
+        self.arrays = [self.arrays[j] for j in order]
+        owner = [sources[keep[j]] for j in order]
         starts = torch.tensor([len(a) - block_size for a in self.arrays], dtype=torch.int64)
         self._ends = torch.cumsum(starts, 0)  # exclusive end of each shard's start range
+        self._mix = _source_spans(owner, self._ends, weights) if weights else None
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
@@ -131,7 +165,14 @@ class RandomBatches:
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         n_global = self.batch_size * self.world_size
-        flat = torch.randint(int(self._ends[-1]), (n_global,), generator=self.generator)
+        if self._mix is None:
+            flat = torch.randint(int(self._ends[-1]), (n_global,), generator=self.generator)
+        else:
+            cum, lo, size = self._mix
+            src = torch.searchsorted(cum, torch.rand(n_global, generator=self.generator),
+                                     right=True).clamp_(max=len(cum) - 1)
+            u = torch.rand(n_global, generator=self.generator, dtype=torch.float64)
+            flat = lo[src] + (u * size[src]).long()
         mine = flat[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         shard = torch.searchsorted(self._ends, mine, right=True)
         offset = mine - torch.where(shard > 0, self._ends[shard - 1], 0)
@@ -155,6 +196,26 @@ class RandomBatches:
         """Continue exactly where the saved stream stopped."""
         self.generator.set_state(d["rng_state"])
         self.batches_drawn = int(d["batches_drawn"])
+
+
+def _source_spans(
+    owner: list[int], ends: Tensor, weights: list[float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cumulative source probabilities and each source's [lo, lo + size) span of starts.
+
+    A source with no shard long enough for a window cannot be drawn: its weight goes to the
+    others in proportion (the loader cannot make tokens that are not there).
+    """
+    n = len(weights)
+    lo, size = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    for k in range(n):
+        idx = [i for i, o in enumerate(owner) if o == k]
+        if idx:
+            lo[k] = ends[idx[0] - 1] if idx[0] > 0 else 0
+            size[k] = ends[idx[-1]] - lo[k]
+    w = torch.tensor(weights, dtype=torch.float64) * (size > 0)
+    cum = torch.cumsum(w / w.sum(), 0).to(torch.float32)
+    return cum, lo, size
 
 
 def eval_batches(

@@ -50,11 +50,25 @@ class PrepareReport:
     bad_rows_skipped: int = 0
     bad_row_examples: list[str] = field(default_factory=list)
     characters: int = 0
+    documents_cut: int = 0
+    split_chars: int = 0
+    near_dup_threshold: float = 0.0
+    near_duplicates: int = 0
+    near_dup_examples: list[dict[str, str]] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    slice: dict[str, int] = field(default_factory=dict)
     vocab_size: int = 0
+    seconds_tokenizer: float = 0.0
+    seconds_encoding: float = 0.0
     seconds: float = 0.0
     histogram: LengthHistogram = field(default_factory=LengthHistogram)
+
+    def add_document(self, n_tokens: int) -> None:
+        """Count one kept document of ``n_tokens`` tokens (all its segments)."""
+        self.histogram.add(n_tokens)
+        self.over_long += n_tokens > self.max_doc_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data (the histogram as bins)."""
@@ -63,6 +77,8 @@ class PrepareReport:
         d["bytes_per_token"] = {
             s: round(self.bytes.get(s, 0) / n, 4) for s, n in self.tokens.items() if n
         }
+        total = sum(self.tokens.values())
+        d["token_fraction"] = {s: round(n / total, 5) for s, n in self.tokens.items() if total}
         return d
 
 
@@ -78,6 +94,18 @@ def histogram_lines(bins: list[dict[str, int]], width: int = _BAR_WIDTH) -> list
     return lines
 
 
+def _source_rows(sources: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One row per source of a mixture: its tokens per split and its training weight."""
+    if len(sources) < 2:
+        return []
+    rows = []
+    for s in sources:
+        counts = ", ".join(f"{split} {n:,}" for split, n in s["tokens"].items())
+        weight = f"; weight {s['weight']:.3f}" if s.get("weight") is not None else ""
+        rows.append((f"source {s['name']}", f"{counts}{weight}"))
+    return rows
+
+
 def render_report(report: PrepareReport, console: Console) -> None:
     """Print the report as a rich table followed by the token-length histogram."""
     table = Table(title="lmforge data prepare", show_header=False)
@@ -91,17 +119,29 @@ def render_report(report: PrepareReport, console: Console) -> None:
         (f"over-long (> {report.max_doc_tokens:,} tokens, kept)", f"{report.over_long:,}"),
         ("bad rows skipped", f"{report.bad_rows_skipped:,}"),
         ("characters", f"{report.characters:,}"),
+        (f"cut for the split (> {report.split_chars:,} chars)", f"{report.documents_cut:,}"),
         ("vocab size", f"{report.vocab_size:,}"),
     ]
+    if report.near_dup_threshold:
+        rows.insert(4, (f"near duplicates (Jaccard >= {report.near_dup_threshold}, dropped)",
+                        f"{report.near_duplicates:,}"))
+    total = sum(report.tokens.values())
     for split, n in report.tokens.items():
         bpt = report.bytes.get(split, 0) / n if n else 0.0
-        rows.append((f"{split} tokens", f"{n:,} ({bpt:.2f} bytes/token)"))
+        share = n / total if total else 0.0
+        rows.append((f"{split} tokens", f"{n:,} ({share:.2%}, {bpt:.2f} bytes/token)"))
+    rows += _source_rows(report.sources)
+    rows.append(("time: tokenizer training", f"{report.seconds_tokenizer:.1f} s"))
+    rows.append(("time: cleaning + encoding + writing", f"{report.seconds_encoding:.1f} s"))
     rows.append(("time", f"{report.seconds:.1f} s"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
     for example in report.bad_row_examples:
         console.print(f"[yellow]skipped[/yellow] {escape(example)}", highlight=False)
+    for pair in report.near_dup_examples:
+        console.print(f"[yellow]near duplicate[/yellow] {escape(pair['dropped'])!r}\n"
+                      f"   [yellow]of[/yellow] {escape(pair['kept'])!r}", highlight=False)
     bins = report.histogram.bins()
     if bins:
         console.print("tokens per document:")

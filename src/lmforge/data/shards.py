@@ -1,13 +1,12 @@
-"""Token shards: encode documents into one token stream, split it, write raw binary shards.
+"""Token shards: encode documents, route each to its split, write raw binary shards.
 
 Layout on disk: ``train_000000.bin``, ``train_000001.bin``, ..., ``val_000000.bin``, ... each a
 flat array of little-endian ``uint16`` (vocabularies up to 65,536 ids) or ``uint32`` token ids,
 with ``EOS`` after every document. A reader memory-maps them (see ``loader.py``).
 
-Train/val split: the stream is cut into fixed chunks of ``chunk_tokens`` and chunk ``i`` goes
-to val when ``i % k == k // 2`` with ``k = round(1 / val_fraction)``. This is deterministic,
-independent of how the corpus is divided into files, and spreads val over the whole corpus
-(a plain "last 5%" would make val one late play or one late source).
+Which split a document goes to is decided before it gets here (``split.py``: by a hash of the
+document, so no document is on both sides). Each source of a mixture starts new shards, so a
+shard holds the tokens of one source only and the loader can weight sources by their shards.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -24,8 +23,11 @@ from lmforge.data.tokenizer import encode_batch
 
 SPLITS = ("train", "val")
 # manifest.json identifies a prepared dataset by these (written by prepare, checked by loader).
+# Version 2: per-document splits, optional "test" split, "sources" with mixture weights.
 MANIFEST_FORMAT = "lmforge.tokens"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+T = TypeVar("T")
 # Enough work per encode_batch call for the Rust side to parallelize, small enough that the
 # batch (texts + ids) stays a few tens of MB whatever the corpus size.
 _BATCH_CHARS = 1 << 20
@@ -43,18 +45,22 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def encode_stream(tok: Tokenizer, docs: Iterable[str]) -> Iterator[tuple[str, list[int]]]:
-    """Yield ``(text, ids)`` for each document, encoding modest batches at a time."""
-    batch: list[str] = []
+def encode_stream(
+    tok: Tokenizer, docs: Iterable[tuple[T, str]]
+) -> Iterator[tuple[T, str, list[int]]]:
+    """Yield ``(tag, text, ids)`` for each ``(tag, text)``, encoding modest batches at a time."""
+    batch: list[tuple[T, str]] = []
     chars = 0
-    for text in docs:
-        batch.append(text)
+    for tag, text in docs:
+        batch.append((tag, text))
         chars += len(text)
         if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            yield from zip(batch, encode_batch(tok, batch))
+            ids = encode_batch(tok, [t for _, t in batch])
+            yield from ((g, t, i) for (g, t), i in zip(batch, ids))
             batch, chars = [], 0
     if batch:
-        yield from zip(batch, encode_batch(tok, batch))
+        ids = encode_batch(tok, [t for _, t in batch])
+        yield from ((g, t, i) for (g, t), i in zip(batch, ids))
 
 
 class ShardWriter:
@@ -120,10 +126,10 @@ class ShardWriter:
 
 
 class DatasetWriter:
-    """Route a stream of documents' tokens into train/val shard writers (see module doc).
+    """Write documents, each to the split it was given, into per-split shard writers.
 
-    UTF-8 bytes are attributed to a split in proportion to the tokens of each document that
-    land there: exact in total, approximate at the chunk boundaries that cut a document.
+    ``start_source(name)`` closes the open shards so the next tokens go to new files; the
+    manifest then lists every source's shards and token/byte counts per split.
     """
 
     def __init__(
@@ -132,48 +138,61 @@ class DatasetWriter:
         vocab_size: int,
         eos_id: int,
         shard_tokens: int,
-        chunk_tokens: int,
-        val_fraction: float,
+        splits: tuple[str, ...] = SPLITS,
     ) -> None:
-        assert 0 < val_fraction <= 0.5 and chunk_tokens > 0
         self.dtype = token_dtype(vocab_size)
         self.eos_id = eos_id
-        self.chunk_tokens = chunk_tokens
-        self.val_every = round(1 / val_fraction)
-        self.writers = {s: ShardWriter(out_dir, s, self.dtype, shard_tokens) for s in SPLITS}
-        self.bytes = dict.fromkeys(SPLITS, 0.0)
-        self.pos = 0  # tokens in the stream so far
+        self.splits = splits
+        self.writers = {s: ShardWriter(out_dir, s, self.dtype, shard_tokens) for s in splits}
+        self.sources: list[dict[str, Any]] = []
 
-    def split_of_chunk(self, index: int) -> str:
-        """Which split chunk ``index`` of the stream belongs to."""
-        return "val" if index % self.val_every == self.val_every // 2 else "train"
+    def start_source(self, name: str) -> None:
+        """Begin a new source: later tokens go to new shard files counted under ``name``."""
+        for w in self.writers.values():
+            w.close()  # a ShardWriter keeps going after close(), into its next file
+        self.sources.append({
+            "name": name,
+            "first": {s: len(w.shards) for s, w in self.writers.items()},
+            "tokens": dict.fromkeys(self.splits, 0),
+            "bytes": dict.fromkeys(self.splits, 0),
+        })
 
-    def add(self, ids: list[int], nbytes: int) -> None:
+    def add(self, split: str, ids: list[int], nbytes: int) -> None:
         """Append one document (its ids, then EOS) that came from ``nbytes`` of UTF-8 text."""
+        if not self.sources:
+            self.start_source("")
         arr = np.empty(len(ids) + 1, dtype=self.dtype)
         arr[:-1] = ids
         arr[-1] = self.eos_id
-        off = 0
-        while off < arr.size:
-            take = min(self.chunk_tokens - self.pos % self.chunk_tokens, arr.size - off)
-            split = self.split_of_chunk(self.pos // self.chunk_tokens)
-            self.writers[split].write(arr[off : off + take])
-            self.bytes[split] += nbytes * take / arr.size
-            off += take
-            self.pos += take
+        self.writers[split].write(arr)
+        self.sources[-1]["tokens"][split] += arr.size
+        self.sources[-1]["bytes"][split] += nbytes
 
-    def close(self) -> dict[str, dict[str, Any]]:
-        """Finish every shard; per split ``{"shards": [...], "tokens": n, "bytes": n}``."""
-        out = {}
+    def close(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """Finish every shard; return the splits and the sources.
+
+        Splits: ``{split: {"shards": [...], "tokens": n, "bytes": n}}``. Sources: ``[{"name",
+        "shards": {split: [file, ...]}, "tokens": {split: n}, "bytes": {split: n}}]``.
+        """
+        splits = {}
         for split, writer in self.writers.items():
             shards = writer.close()
-            out[split] = {
+            splits[split] = {
                 "shards": shards,
                 "tokens": sum(s["tokens"] for s in shards),
-                "bytes": round(self.bytes[split]),
+                "bytes": sum(src["bytes"][split] for src in self.sources),
             }
-        assert sum(v["tokens"] for v in out.values()) == self.pos
-        return out
+        sources = []
+        for k, src in enumerate(self.sources):
+            files = {}
+            for split, writer in self.writers.items():
+                stop = self.sources[k + 1]["first"][split] if k + 1 < len(self.sources) else None
+                files[split] = [s["file"] for s in writer.shards[src["first"][split] : stop]]
+            sources.append({"name": src["name"], "shards": files, "tokens": src["tokens"],
+                            "bytes": src["bytes"]})
+        for split in self.splits:
+            assert splits[split]["tokens"] == sum(s["tokens"][split] for s in sources)
+        return splits, sources
 
     def __enter__(self) -> DatasetWriter:
         return self

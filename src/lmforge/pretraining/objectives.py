@@ -25,7 +25,7 @@ from lmforge.config import (
     ConfigError,
     UserError,
 )
-from lmforge.data.loader import RandomBatches, TokenDataset, eval_batches, unigram_baseline
+from lmforge.data.loader import TokenDataset, eval_batches, unigram_baseline
 from lmforge.data.mlm import (
     MLM_SPECIAL_TOKENS,
     MaskedBatches,
@@ -151,8 +151,8 @@ def clm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     model = on_meta(build)
     assert isinstance(model, Decoder)
     tc = cfg.train
-    batches = RandomBatches(ds.split("train"), tc.batch_size, seq_len, tc.seed,
-                            rank=info.rank, world_size=info.world_size)
+    batches = ds.random_batches("train", tc.batch_size, seq_len, tc.seed,
+                               rank=info.rank, world_size=info.world_size)
     evaluate = make_lm_evaluator(
         lambda: eval_batches(ds.split("val"), tc.batch_size, seq_len, tc.eval_tokens),
         ds.bytes_per_token("val"),
@@ -237,8 +237,8 @@ def mlm_task(cfg: Config, info: DistInfo) -> tuple[Config, Task]:
     assert isinstance(model, EncoderForMaskedLM)
     tc = cfg.train
     masker = Masker(cfg.mlm, vocab)
-    windows = RandomBatches(ds.split("train"), tc.batch_size, window, tc.seed,
-                            rank=info.rank, world_size=info.world_size)
+    windows = ds.random_batches("train", tc.batch_size, window, tc.seed,
+                               rank=info.rank, world_size=info.world_size)
     # A seed of its own, so the masks are not drawn from the same stream as the window starts.
     batches = MaskedBatches(windows, masker, tc.seed + 1)
 

@@ -26,6 +26,7 @@ EXTRAS: tuple[tuple[str, str, str, str], ...] = (
     ("safetensors", "safetensors", "checkpoints", "pip install safetensors"),
     ("pyarrow", "pyarrow", "Parquet input", "pip install pyarrow"),
     ("datasets", "datasets", "Hugging Face dataset names (online)", "pip install 'lmforge[hf]'"),
+    ("datasketch", "datasketch", "data prepare --near_dup", "pip install 'lmforge[dedup]'"),
     ("transformers", "transformers", "Hugging Face import/export", "pip install transformers"),
     ("gguf", "gguf", "GGUF import/export", "pip install gguf"),
     ("onnxruntime", "onnxruntime", "ONNX export check", "pip install onnx onnxruntime"),
