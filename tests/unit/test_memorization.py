@@ -95,7 +95,7 @@ def test_memorization_of_a_run_through_the_cli(tmp_path: Path,
     for name, text in sorted(pydoc_topics_text().items())[:12]:
         (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
     assert cli.run(["data", "prepare", str(corpus), "--out", "prepared", "--tokenizer",
-                    str(run / "tokenizer.json"), "--val_chunk_tokens", "400"]) == 0
+                    str(run / "tokenizer.json"), "--split_chars", "500", "--val_fraction", "0.1"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**saved, "data": "prepared"}))
     args = ["eval", str(run), "--memorization", "--mem_samples", "20", "--mem_prefix", "16",
