@@ -8,7 +8,9 @@ given a model card (README.md), and only then renamed into place.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from lmforge.config import ConfigError, UserError
+from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.data.mlm import PAD_TOKEN
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.interop import gguf, onnx
@@ -48,8 +50,10 @@ TOKENIZER_PROBE = ("Hello world! It's 2024: the café's 3 cats cost 12.50 each.\
                    "    indented line\tand a tab; ünïcödé, 東京, emoji 🙂.")
 
 
-# A suffix that says the user meant a file, where --out is a folder (the export is several files).
+# A suffix that says the user meant a file, where --out is a folder (the export is several files);
+# only a GGUF export is one file, so `--format gguf --out NAME.gguf` writes just that file.
 FILE_SUFFIXES = (".gguf", ".onnx", ".safetensors", ".bin")
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -61,9 +65,9 @@ class ExportConfig:
     format: Literal["hf", "gguf", "onnx"] = "hf"
     """Output format: hf = a Hugging Face transformers folder, gguf = a llama.cpp file, onnx = an ONNX graph for onnxruntime."""
     out: str = ""
-    """Folder to create, e.g. exports/NAME (a folder even for gguf: the .gguf file and its README.md model card go inside)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """hf only: precision of the written weights (gguf: --gguf_type; onnx is fp32)."""
+    """Folder to create, e.g. exports/NAME (the files and a README.md model card go inside); for gguf also a file NAME.gguf (that file alone)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf only: precision of the written weights; auto = the checkpoint's (a bf16 import stays bf16) (gguf: --gguf_type; onnx is fp32)."""
     gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16"
     """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0)."""
     kv_cache: bool = False
@@ -76,15 +80,23 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("out: missing; say where the export goes, e.g. --out exports/NAME")
-        if Path(self.out).suffix.lower() in FILE_SUFFIXES:
+        if self.single_file and self.format != "gguf":
+            raise ConfigError(f"out: {self.out} names a .gguf file, but --format is "
+                              f"{self.format}; add --format gguf, or give a folder")
+        if Path(self.out).suffix.lower() in FILE_SUFFIXES and not self.single_file:
             raise ConfigError(f"out: {self.out} names a file, but --out is the folder the export "
                               "is written into (with its model card); use e.g. "
                               f"--out {Path(self.out).with_suffix('')}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ConfigError(f"tolerance: must be > 0, got {self.tolerance}")
-        if self.format != "hf" and self.dtype != "float32":
+        if self.format != "hf" and self.dtype != "auto":
             hint = "--gguf_type" if self.format == "gguf" else "nothing: onnx is fp32"
             raise ConfigError(f"dtype: applies to --format hf only; for {self.format} use {hint}")
+
+    @property
+    def single_file(self) -> bool:
+        """--out names one .gguf file rather than a folder."""
+        return Path(self.out).suffix.lower() == GGUF_SUFFIX
 
     @property
     def limit(self) -> float:
@@ -113,13 +125,32 @@ def _copy_tokenizer(run_dir: Path, out: Path) -> None:
             shutil.copyfile(run_dir / name, out / name)
 
 
+def checkpoint_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (its first floating tensor); fp32 when it
+    is sharded or holds none."""
+    from safetensors import safe_open
+
+    from lmforge.checkpoint import MODEL_FILE
+
+    if not (ckpt / MODEL_FILE).is_file():
+        return torch.float32
+    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+        names = f.keys()
+        for key in names:
+            dtype = f.get_slice(key).get_dtype()
+            if dtype in ("BF16", "F16", "F32"):
+                return {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    return torch.float32
+
+
 def export_hf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     """Write a Hugging Face folder into ``out`` and check it against transformers."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = checkpoint_dtype(loaded.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     arch = write_hf_folder(loaded.model, loaded.run_dir, out, bos_id=loaded.bos_id,
                            eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids)
     diff = load_back_check(loaded.model, out, dtype)
-    return Exported(diff, "transformers", arch, cfg.dtype, {"architecture": arch})
+    return Exported(diff, "transformers", arch, str(dtype).removeprefix("torch."),
+                    {"architecture": arch})
 
 
 def _chat_template(run_dir: Path) -> str | None:
@@ -137,9 +168,9 @@ def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     model, run_dir = loaded.model.float(), loaded.run_dir
     name = run_dir.resolve().name
     ggml_type = gguf.TYPES[cfg.gguf_type][0]
-    path = out / f"{name}.{ggml_type}.gguf"
+    path = out / (Path(cfg.out).name if cfg.single_file else f"{name}.{ggml_type}.gguf")
     meta = gguf.GGUFMeta(name, run_dir / "tokenizer.json", loaded.bos_id, loaded.eos_id,
-                         _chat_template(run_dir))
+                         _chat_template(run_dir), _kept_metadata(run_dir))
     counts = gguf.write_gguf(model, path, cfg.gguf_type, meta)
     check = gguf.load_back_check(model, path)
     probe = TOKENIZER_PROBE + "".join(_special_tokens(loaded))
@@ -155,6 +186,12 @@ def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
          "same top-1 token as the fp32 model": f"{check.top1:.1%} of the check positions"},
         [f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB; the same top-1 token as the "
          f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical"])
+
+
+def _kept_metadata(run_dir: Path) -> dict[str, Any]:
+    """The source metadata an import kept in config.yaml (gguf_metadata), for a re-export."""
+    kept = load_yaml(run_dir / "config.yaml").get("gguf_metadata") or {}
+    return dict(kept) if isinstance(kept, dict) else {}
 
 
 def _special_tokens(loaded: LoadedModel) -> list[str]:
@@ -236,12 +273,19 @@ def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
 
 @contextmanager
 def _writing(cfg: ExportConfig) -> Iterator[Path]:
-    """A temporary folder renamed to --out on success; a failed write (read-only or full disk)
-    is one UserError naming --out, with nothing left behind."""
+    """A temporary folder renamed to --out on success (for --out NAME.gguf: the file in it
+    renamed to NAME.gguf, the rest dropped); a failed write (read-only or full disk) is one
+    UserError naming --out, with nothing left behind."""
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or another --out")
     try:
+        if cfg.single_file:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+                yield Path(tmp)
+                os.replace(Path(tmp) / out.name, out)
+            return
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             yield tmp
     except OSError as e:

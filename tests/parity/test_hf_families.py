@@ -207,3 +207,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_bf16_checkpoints_stay_bf16_on_disk(tmp_path: Path) -> None:
+    """A bf16 folder imports as bf16 (--dtype auto) and exports as bf16 by default, with the
+    same bits; --dtype float32 still widens it."""
+    from safetensors import safe_open
+
+    model = hf_model("qwen3").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer("qwen3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+        ref = model.state_dict()
+        assert all(torch.equal(f.get_tensor(k), ref[k]) for k in names)
+    wide = tmp_path / "wide"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(wide), "--dtype",
+                "float32"]) == 0
+    assert json.loads((wide / "config.json").read_text())["torch_dtype"] == "float32"

@@ -92,10 +92,14 @@ def test_model_card_states_the_model_its_training_and_how_to_load_it(
 
 
 def test_export_out_is_a_folder_not_a_file(run_dir: Path, workdir: Path) -> None:
-    proc = lmforge("export", "--run", str(run_dir), "--format", "gguf", "--out", "model.gguf",
+    """Only a GGUF export is one file (--format gguf --out model.gguf writes it)."""
+    proc = lmforge("export", "--run", str(run_dir), "--format", "onnx", "--out", "model.onnx",
                    cwd=workdir)
-    assert_user_error(proc, "model.gguf names a file", "--out model")
-    assert not (workdir / "model.gguf").exists()
+    assert_user_error(proc, "model.onnx names a file", "--out model")
+    proc = lmforge("export", "--run", str(run_dir), "--format", "hf", "--out", "model.gguf",
+                   cwd=workdir)
+    assert_user_error(proc, "model.gguf names a .gguf file", "add --format gguf")
+    assert not (workdir / "model.onnx").exists() and not (workdir / "model.gguf").exists()
 
 
 def test_export_write_failure_is_one_line(run_dir: Path, workdir: Path, tmp_path: Path) -> None:

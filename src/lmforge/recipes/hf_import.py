@@ -2,8 +2,8 @@
 BertForSequenceClassification) or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
-(when online), or a llama.cpp .gguf file (llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1
-and the other types the gguf package dequantizes). The run folder gets config.yaml (the model
+(when online), or a llama.cpp .gguf file (llama, qwen2, qwen3 or gpt2 architecture; F32, F16, BF16,
+Q8_0, Q4_0, Q4_1 and the other types the gguf package dequantizes). The run folder gets config.yaml (the model
 as a DecoderConfig, the source and its BOS/EOS ids), tokenizer.json (+ the chat template) and a
 step-0 checkpoint, so `lmforge generate --run` and `lmforge export` work on it. Only safetensors
 and GGUF weights are read: a pickle is never loaded.
@@ -174,9 +174,12 @@ def import_gguf(cfg: Config, path: Path, out: Path) -> int:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE))
         _write_tokenizer_side_files(tmp, tok, bos_id, eos_id, template, model.cfg.block_size)
-        record = {"source": cfg.src, "format": "gguf", "architecture": gguf.ARCH,
+        # gguf_metadata: the file's name, license, languages, pad/unk ids..., which a GGUF
+        # re-export writes back.
+        record = {"source": cfg.src, "format": "gguf", "architecture": f.arch,
                   "gguf_types": dict(sorted(f.types.items())), "bos_id": bos_id,
-                  "eos_id": eos_id, "model": to_dict(model.cfg)}
+                  "eos_id": eos_id, "gguf_metadata": f.kept_metadata(),
+                  "model": to_dict(model.cfg)}
         (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
         save_checkpoint(tmp, TrainState(), model, None,
                         info={"source": cfg.src, "format": "gguf", "file": str(path)})
