@@ -24,7 +24,7 @@ from rich.console import Console
 from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.data.mlm import PAD_TOKEN
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.interop import gguf, onnx
+from lmforge.interop import gguf, ollama, onnx
 from lmforge.interop.card import CARD_FILE, CardInfo, model_card
 from lmforge.interop.hf import (
     TOKENIZER_SIDE_FILES,
@@ -179,13 +179,37 @@ def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
         raise UserError(f"{cfg.out}: the tokenizer does not survive the GGUF round trip "
                         f"({mismatch}); nothing was written (please report this)")
     types = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    notes = [] if cfg.single_file else [_write_modelfile(loaded, path, out)]
     return Exported(
         check.max_diff, "the gguf reader", "tensors dequantized by lmforge's GGUF import",
         f"{ggml_type} ({types} tensors)",
         {"chat template": "yes" if meta.chat_template else "none",
          "same top-1 token as the fp32 model": f"{check.top1:.1%} of the check positions"},
         [f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB; the same top-1 token as the "
-         f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical"])
+         f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical", *notes])
+
+
+def _write_modelfile(loaded: LoadedModel, path: Path, out: Path) -> str:
+    """An Ollama Modelfile beside the .gguf: FROM it, the chat template as TEMPLATE, the EOS
+    tokens and end-of-turn as stops, num_ctx the model's context (beyond it a model trained
+    here has seen no positions; sampling stays at Ollama's defaults); what it did."""
+    tok: Any = loaded.tokenizer
+    eos = [tok.id_to_token(i) for i in dict.fromkeys(
+        [*([] if loaded.eos_id is None else [loaded.eos_id]), *loaded.eos_ids])]
+    template = None
+    if _chat_template(loaded.run_dir) is not None:
+        from lmforge.infer.chat import load_chat_template
+
+        template = load_chat_template(loaded.run_dir, eos_token=eos[0] if eos else "")
+    text, skipped = ollama.modelfile(path.name, template, [e for e in eos if e],
+                                     {"num_ctx": loaded.model.cfg.block_size})
+    (out / ollama.MODELFILE).write_text(text, encoding="utf-8")
+    if template is None:
+        return f"wrote {ollama.MODELFILE} (no chat template in the run: raw prompts)"
+    if skipped:
+        return f"wrote {ollama.MODELFILE} without TEMPLATE: {skipped}"
+    return (f"wrote {ollama.MODELFILE} (TEMPLATE from the run's chat template); in the export "
+            f"folder: ollama create NAME -f {ollama.MODELFILE}")
 
 
 def _kept_metadata(run_dir: Path) -> dict[str, Any]:

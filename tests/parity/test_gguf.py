@@ -559,3 +559,18 @@ def test_a_reexport_keeps_the_source_metadata(tmp_path: Path) -> None:
     assert meta["tokenizer.ggml.eos_token_id"] == 0 and meta["tokenizer.ggml.bos_token_id"] == 94
     assert one_line_error(["export", "--run", str(tmp_path / "run"), "--format", "gguf",
                            "--out", str(out)]).endswith("or another --out")
+
+
+def test_a_gguf_export_folder_has_an_ollama_modelfile(tmp_path: Path) -> None:
+    from lmforge.infer.chat import CHATML
+
+    run_dir, _ = make_run(tmp_path / "run", tiny_cfg())
+    (run_dir / "chat_template.jinja").write_text(CHATML)
+    out = tmp_path / "out"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "q8_0",
+                "--out", str(out)]) == 0
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert lines[0] == "FROM ./run.Q8_0.gguf" and (out / "run.Q8_0.gguf").is_file()
+    assert lines[1].startswith('TEMPLATE """{{ range .Messages }}')
+    assert 'PARAMETER stop "<|endoftext|>"' in lines and 'PARAMETER stop "<|im_end|>"' in lines
+    assert "PARAMETER num_ctx 64" in lines
