@@ -146,8 +146,12 @@ def checkpoint_dtype(ckpt: Path) -> torch.dtype:
 def export_hf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     """Write a Hugging Face folder into ``out`` and check it against transformers."""
     dtype = checkpoint_dtype(loaded.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    source = load_yaml(loaded.run_dir / "config.yaml").get("architecture")
+    pad = _kept_metadata(loaded.run_dir).get("tokenizer.ggml.padding_token_id")
     arch = write_hf_folder(loaded.model, loaded.run_dir, out, bos_id=loaded.bos_id,
-                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids)
+                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids,
+                           prefer=source if isinstance(source, str) else None,
+                           pad_id=pad if isinstance(pad, int) else None)
     diff = load_back_check(loaded.model, out, dtype)
     return Exported(diff, "transformers", arch, str(dtype).removeprefix("torch."),
                     {"architecture": arch})
@@ -213,7 +217,8 @@ def _write_modelfile(loaded: LoadedModel, path: Path, out: Path) -> str:
 
 
 def _kept_metadata(run_dir: Path) -> dict[str, Any]:
-    """The source metadata an import kept in config.yaml (gguf_metadata), for a re-export."""
+    """The source metadata an import kept in config.yaml (gguf_metadata: GGUF keys, also
+    written by a Hugging Face import for its name and pad id), for a re-export."""
     kept = load_yaml(run_dir / "config.yaml").get("gguf_metadata") or {}
     return dict(kept) if isinstance(kept, dict) else {}
 

@@ -230,3 +230,38 @@ def test_bf16_checkpoints_stay_bf16_on_disk(tmp_path: Path) -> None:
     assert run(["export", "--run", str(tmp_path / "run"), "--out", str(wide), "--dtype",
                 "float32"]) == 0
     assert json.loads((wide / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+# --------------------------------------------------------------------------- Phi-3
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_phi3_fused_tensors_split_on_import_and_fused_on_export(window: int | None,
+                                                                tmp_path: Path) -> None:
+    """Phi3ForCausalLM (q/k/v fused as qkv_proj with GQA, gate/up as gate_up_proj; Phi-3-mini's
+    sliding window): import, logits and greedy tokens as transformers'; export back as Phi-3
+    with no missing keys and the same fused tensors."""
+    t = transformers
+    config = t.Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, sliding_window=window, bos_token_id=1,
+                          eos_token_id=2, pad_token_id=0)
+    hf = randomize(t.Phi3ForCausalLM(config))
+    hf.save_pretrained(tmp_path / "hf")
+    write_tokenizer("phi3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    ours = load_model(tmp_path / "run").model
+    assert ours.cfg.sliding_window == window and ours.cfg.kv_heads == 2
+    x = ids(48)
+    assert max_diff(ours, hf, x) <= TOL
+    mine, theirs = greedy_pair(ours, hf)
+    assert mine == theirs
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ref = hf.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+    assert max_diff(load_model(tmp_path / "run").model, back.eval(), x) <= TOL

@@ -94,7 +94,8 @@ def main(cfg: Config) -> int:
         bos_id, eos_id = (ids[0] if ids else None for ids in (bos_ids, eos_ids))
         # eos_id stays the first for older readers; eos_ids holds every id that ends a text.
         record = {"source": cfg.src, "architecture": arch, "bos_id": bos_id, "eos_id": eos_id,
-                  "eos_ids": eos_ids, "model": to_dict(model.cfg)}
+                  "eos_ids": eos_ids, "gguf_metadata": _kept_metadata(cfg.src, hf),
+                  "model": to_dict(model.cfg)}
         _write_run(tmp, record, model, cfg.src, arch, folder)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     Console(highlight=False).print(
@@ -105,6 +106,16 @@ def main(cfg: Config) -> int:
         markup=False, soft_wrap=True,
     )
     return 0
+
+
+def _kept_metadata(src: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """What an export writes back, as GGUF keys (as a GGUF import keeps them): the model's
+    name (the folder's or Hub name's last part) and its pad id."""
+    kept: dict[str, Any] = {"general.name": Path(src.rstrip("/")).name}
+    pad = hf.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        kept["tokenizer.ggml.padding_token_id"] = pad
+    return kept
 
 
 def _copy_checked_tokenizer(folder: Path, tmp: Path, vocab_size: int) -> Any:
