@@ -24,7 +24,7 @@ from rich.console import Console
 from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.data.mlm import PAD_TOKEN
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.interop import gguf, ollama, onnx
+from lmforge.interop import gguf, llamacpp, ollama, onnx
 from lmforge.interop.card import CARD_FILE, CardInfo, model_card
 from lmforge.interop.hf import (
     TOKENIZER_SIDE_FILES,
@@ -44,7 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # limits are ~5-10x the largest max |Δlogits| measured on random tiny models, llama-1m trained
 # on Shakespeare and SmolLM2-135M (README, "lmforge export"; tests/parity/test_gguf.py).
 TOLERANCES = {"hf": 1e-4, "onnx": 1e-4, "gguf.f32": 1e-4, "gguf.f16": 0.25, "gguf.bf16": 1.5,
-              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0}
+              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0, "gguf.q6_k": 4.0, "gguf.q5_k_m": 8.0,
+              "gguf.q4_k_m": 30.0}
 # Text whose token ids must survive the GGUF round trip (digits, spaces, newlines, accents).
 TOKENIZER_PROBE = ("Hello world! It's 2024: the café's 3 cats cost 12.50 each.\n\n"
                    "    indented line\tand a tab; ünïcödé, 東京, emoji 🙂.")
@@ -68,8 +69,8 @@ class ExportConfig:
     """Folder to create, e.g. exports/NAME (the files and a README.md model card go inside); for gguf also a file NAME.gguf (that file alone)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """hf only: precision of the written weights; auto = the checkpoint's (a bf16 import stays bf16) (gguf: --gguf_type; onnx is fp32)."""
-    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16"
-    """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0)."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = "f16"
+    """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0; the K-quants q4_k_m, q5_k_m, q6_k are made by llama.cpp's quantizer: pip install llama-cpp-python)."""
     kv_cache: bool = False
     """onnx only: add past_key_values.N.key/value inputs and present.N.key/value outputs."""
     tolerance: float | None = None
@@ -171,12 +172,21 @@ def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     """Write one .gguf file into ``out``; read it back with gguf's reader and our importer."""
     model, run_dir = loaded.model.float(), loaded.run_dir
     name = run_dir.resolve().name
-    ggml_type = gguf.TYPES[cfg.gguf_type][0]
+    k_quant = cfg.gguf_type in llamacpp.K_QUANTS
+    ggml_type = cfg.gguf_type.upper() if k_quant else gguf.TYPES[cfg.gguf_type][0]
     path = out / (Path(cfg.out).name if cfg.single_file else f"{name}.{ggml_type}.gguf")
     meta = gguf.GGUFMeta(name, run_dir / "tokenizer.json", loaded.bos_id, loaded.eos_id,
                          _chat_template(run_dir), _kept_metadata(run_dir))
-    counts = gguf.write_gguf(model, path, cfg.gguf_type, meta)
+    if k_quant:  # llama.cpp quantizes an F32 file, as `llama-quantize` would
+        llamacpp.llama_cpp()  # the missing-package error before minutes of work
+        source = out / f".{name}.F32.gguf"
+        gguf.write_gguf(model, source, "f32", meta)
+        llamacpp.quantize(source, path, cfg.gguf_type)
+        source.unlink()
+    else:
+        gguf.write_gguf(model, path, cfg.gguf_type, meta)
     check = gguf.load_back_check(model, path)
+    counts = check.file.types
     probe = TOKENIZER_PROBE + "".join(_special_tokens(loaded))
     mismatch = gguf.tokenizer_round_trip(check.file, run_dir / "tokenizer.json", probe)
     if mismatch:

