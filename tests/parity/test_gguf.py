@@ -543,8 +543,9 @@ def test_a_reexport_keeps_the_source_metadata(tmp_path: Path) -> None:
     write_like_llama_cpp(src, model.eval(), "F16", tokens, extra={
         "general.name": "Tiny 1M Instruct", "general.license": "apache-2.0",
         "general.languages": ["en", "fr"], "tokenizer.ggml.padding_token_id": 94,
-        "tokenizer.ggml.unknown_token_id": 95})
+        "tokenizer.ggml.unknown_token_id": 95, "tokenizer.ggml.eot_token_id": 93})
     assert run(["import", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert load_model(tmp_path / "run").eos_ids == [0, 93]  # EOS and end-of-turn both stop
     out = tmp_path / "exports" / "tiny.gguf"
     assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
                 str(out)]) == 0
@@ -556,6 +557,7 @@ def test_a_reexport_keeps_the_source_metadata(tmp_path: Path) -> None:
     assert meta["general.languages"] == ["en", "fr"]
     assert meta["tokenizer.ggml.padding_token_id"] == 94
     assert meta["tokenizer.ggml.unknown_token_id"] == 95
+    assert meta["tokenizer.ggml.eot_token_id"] == 93
     assert meta["tokenizer.ggml.eos_token_id"] == 0 and meta["tokenizer.ggml.bos_token_id"] == 94
     assert one_line_error(["export", "--run", str(tmp_path / "run"), "--format", "gguf",
                            "--out", str(out)]).endswith("or another --out")

@@ -434,6 +434,14 @@ def special_ids(f: GGUFFile) -> tuple[int | None, int | None]:
     return (None if bos is None else int(bos)), (None if eos is None else int(eos))
 
 
+def stop_ids(f: GGUFFile) -> list[int]:
+    """Every id that ends a text: EOS, then end-of-turn and end-of-message (Llama 3's
+    <|eot_id|>, <|eom_id|>), as llama.cpp stops at each."""
+    keys = ("eos", "eot", "eom")
+    ids = (f.meta.get(f"tokenizer.ggml.{k}_token_id") for k in keys)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def chat_template(f: GGUFFile) -> str | None:
     """The Jinja chat template stored in the file, if any."""
     value = f.meta.get("tokenizer.chat_template")

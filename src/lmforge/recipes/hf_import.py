@@ -189,7 +189,8 @@ def import_gguf(cfg: Config, path: Path, out: Path) -> int:
         # re-export writes back.
         record = {"source": cfg.src, "format": "gguf", "architecture": f.arch,
                   "gguf_types": dict(sorted(f.types.items())), "bos_id": bos_id,
-                  "eos_id": eos_id, "gguf_metadata": f.kept_metadata(),
+                  "eos_id": eos_id, "eos_ids": gguf.stop_ids(f),
+                  "gguf_metadata": f.kept_metadata(),
                   "model": to_dict(model.cfg)}
         (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
         save_checkpoint(tmp, TrainState(), model, None,
