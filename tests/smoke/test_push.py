@@ -39,10 +39,11 @@ def test_dry_run_lists_exactly_the_exported_files(run_dir: Path, workdir: Path) 
     folder = workdir / "exports" / "tiny-gguf-gguf"  # the default --out
     on_disk = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert listed(proc.stdout) == on_disk
-    assert set(on_disk) == {"README.md", "pushme.Q8_0.gguf"}
-    assert "would upload 2 files" in proc.stdout and "nothing was uploaded" in proc.stdout
+    assert set(on_disk) == {"README.md", "pushme.Q8_0.gguf", "Modelfile"}
+    assert "would upload 3 files" in proc.stdout and "nothing was uploaded" in proc.stdout
     card = (folder / "README.md").read_text()
     assert "llama-cli -hf someone/tiny-gguf" in card and "max |Δlogits|" in card
+    assert "ollama create NAME -f Modelfile" in card
 
 
 def test_offline_push_is_one_line_and_keeps_the_export(run_dir: Path, workdir: Path,
