@@ -265,3 +265,42 @@ def test_phi3_fused_tensors_split_on_import_and_fused_on_export(window: int | No
     ref = hf.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
     assert max_diff(load_model(tmp_path / "run").model, back.eval(), x) <= TOL
+
+
+# --------------------------------------------------------------------------- SentencePiece-style
+
+
+def test_metaspace_tokenizer_in_and_out(tmp_path: Path) -> None:
+    """A SentencePiece-style tokenizer.json (Llama 2 / Mistral: ▁ for spaces, byte fallback)
+    survives import and hf export: transformers' tokenizer of the export encodes and decodes
+    as the source's; GGUF export refuses it in one line naming it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from lmforge.config import UserError
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 50,
+                            trainers.BpeTrainer(vocab_size=290, special_tokens=specials))
+    model = hf_model("llama3")
+    model.resize_token_embeddings(tok.get_vocab_size())
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    text = "the cat  sat\non café 🙂"
+    loaded = load_model(tmp_path / "run")
+    assert loaded.tokenizer.encode(text).ids == tok.encode(text).ids
+    assert "<0xC3>" in tok.encode(text).tokens  # é went through the byte fallback
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs(text, add_special_tokens=False).input_ids == tok.encode(text).ids
+    ids_ = tok.encode(text).ids  # (the byte tokens were trained as special: keep them)
+    assert theirs.decode(ids_) == loaded.tokenizer.decode(ids_, skip_special_tokens=False) == text
+    with pytest.raises(UserError, match=r"SentencePiece-style \(Metaspace\)"):
+        run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
+             str(tmp_path / "g")])

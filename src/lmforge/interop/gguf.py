@@ -551,10 +551,18 @@ def _gguf_vocab(tokenizer_path: Path, vocab_size: int) -> Vocab:
     data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     tok = Tokenizer.from_file(str(tokenizer_path))
     pre = choose_pre(tok, data)
-    if data.get("model", {}).get("type") != "BPE" or pre is None or data.get("normalizer"):
-        raise UserError(f"{tokenizer_path}: GGUF export needs a byte-level BPE tokenizer with "
-                        "the pre-tokenizer of GPT-2, SmolLM, Llama 3 or Qwen2 and no normalizer; "
-                        "this one has no llama.cpp equivalent lmforge writes")
+    kind, why = data.get("model", {}).get("type"), None
+    if kind != "BPE":
+        why = f"a {kind} model, where GGUF export writes byte-level BPE"
+    elif data.get("normalizer") or "Metaspace" in json.dumps(data.get("pre_tokenizer")):
+        why = ("a SentencePiece-style (Metaspace) BPE, which llama.cpp reads as a 'llama' "
+               "vocabulary with scores; lmforge writes byte-level BPE ('gpt2') only")
+    elif pre is None:
+        why = ("a pre-tokenizer that is none of llama.cpp's gpt-2, smollm, llama-bpe, qwen2 "
+               "split rules")
+    if why:
+        raise UserError(f"{tokenizer_path}: the tokenizer is {why}; export this run with "
+                        "--format hf or onnx")
     # Rows of the embedding that no token uses get placeholder names, as llama.cpp does.
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for text, i in tok.get_vocab(with_added_tokens=True).items():
