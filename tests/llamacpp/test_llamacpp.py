@@ -28,7 +28,7 @@ pytest.importorskip("gguf")
 
 from lmforge.cli import run  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
-from lmforge.models.decoder import Decoder  # noqa: E402
+from lmforge.models.decoder import Decoder, RopeScaling  # noqa: E402
 from lmforge.run import load_model  # noqa: E402
 from tests.parity.test_gguf import PROBE, TEXT, make_run, tiny_cfg, tokenizer_with  # noqa: E402
 
@@ -99,6 +99,34 @@ def test_f32_logits_and_greedy_tokens_match(tiny: tuple[Path, Any, Decoder],
     assert diff <= 1e-3
     prompt = ids[:12]
     assert their_greedy(llm, prompt, 20) == list(generate(model, prompt, 20, temperature=0.0))
+
+
+FAMILIES = {  # config changes from tiny_cfg -> the llama.cpp arch they export as
+    "llama3": ({"rope_scaling": RopeScaling(type="llama3", factor=4.0, original_block_size=32)},
+               "llama"),
+    "qwen2": ({"qkv_bias": True}, "qwen2"),
+    "qwen3": ({"qk_norm": True, "head_size": 24}, "qwen3"),
+    "gpt2": ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
+              "n_kv_head": None}, "gpt2"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_architecture_runs_as_ours(family: str, tmp_path: Path) -> None:
+    """Llama 3.1 rope (rope_freqs), qwen2's biases and NeoX rope, qwen3's q/k norms, gpt2's
+    fused attn_qkv and learned positions: f32 logits within 1e-3, greedy tokens identical."""
+    over, arch = FAMILIES[family]
+    run_dir, model = make_run(tmp_path / "run", tiny_cfg(block_size=128, **over))
+    tok = tokenizer_with("gpt-2" if arch == "gpt2" else "qwen2", run_dir / "tokenizer.json")
+    path = export(run_dir, tmp_path / "m.gguf", "f32")
+    llm = llama(path, 128)
+    assert llm.metadata["general.architecture"] == arch
+    ids = tok.encode((TOKEN_TEXT + " " + PROBE) * 2).ids[:110]  # past the original 32
+    diff = np.abs(their_logits(llm, ids) - our_logits(model, ids)).max()
+    print(f"llama.cpp {family} ({arch}) f32: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-3
+    assert their_greedy(llm, ids[:12], 20) == list(generate(model, ids[:12], 20,
+                                                            temperature=0.0))
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])

@@ -47,6 +47,7 @@ of this module, so lmforge works without it until a GGUF is read or written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -206,7 +207,7 @@ def gguf_arch(cfg: DecoderConfig) -> str:
 
 def _llama3_factors(cfg: DecoderConfig) -> Tensor:
     """llama.cpp's rope_freqs (D/2,): plain frequency / Llama 3.1 frequency, per pair."""
-    plain = DecoderConfig(**{**cfg.__dict__, "rope_scaling": RopeScaling()})
+    plain = dataclasses.replace(cfg, rope_scaling=RopeScaling())
     base, _ = rope_frequencies(plain, torch.device("cpu"))
     scaled, _ = rope_frequencies(cfg, torch.device("cpu"))
     return (base / scaled).float()
