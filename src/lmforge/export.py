@@ -44,8 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # limits are ~5-10x the largest max |Δlogits| measured on random tiny models, llama-1m trained
 # on Shakespeare and SmolLM2-135M (README, "lmforge export"; tests/parity/test_gguf.py).
 TOLERANCES = {"hf": 1e-4, "onnx": 1e-4, "gguf.f32": 1e-4, "gguf.f16": 0.25, "gguf.bf16": 1.5,
-              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0, "gguf.q6_k": 4.0, "gguf.q5_k_m": 8.0,
-              "gguf.q4_k_m": 30.0}
+              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0, "gguf.q6_k": 8.0, "gguf.q5_k_m": 30.0,
+              "gguf.q4_k_m": 40.0}
 # Text whose token ids must survive the GGUF round trip (digits, spaces, newlines, accents).
 TOKENIZER_PROBE = ("Hello world! It's 2024: the café's 3 cats cost 12.50 each.\n\n"
                    "    indented line\tand a tab; ünïcödé, 東京, emoji 🙂.")
@@ -74,7 +74,7 @@ class ExportConfig:
     kv_cache: bool = False
     """onnx only: add past_key_values.N.key/value inputs and present.N.key/value outputs."""
     tolerance: float | None = None
-    """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30)."""
+    """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30, q6_k 8, q5_k_m 30, q4_k_m 40)."""
     overwrite: bool = False
     """Replace --out if it exists."""
 
