@@ -8,7 +8,7 @@ DATA   := data/shakespeare
 STAMP  := $(VENV)/.lmforge-installed
 DEVSTAMP := $(VENV)/.lmforge-dev-installed
 
-.PHONY: run test setup setup-dev lint clean
+.PHONY: run test test-llamacpp setup setup-dev lint clean
 
 setup: $(STAMP)
 setup-dev: $(DEVSTAMP)
@@ -38,6 +38,16 @@ lint: setup-dev
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# llama.cpp runs what we export (tests marked llamacpp): llama-cpp-python built from its source
+# package, AMX off (upstream ggml-org/llama.cpp#20824: its AMX path crashes on quantized files
+# on some CPUs), portable flags; ~10 min on 2 cores the first time, then pip's cached wheel.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+test-llamacpp: setup-dev
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/python -m pip install -q --no-binary llama-cpp-python \
+		'llama-cpp-python==0.3.36'
+	$(BIN)/python -m pytest -q -m llamacpp tests/llamacpp
 
 clean:
 	rm -rf $(VENV) runs data

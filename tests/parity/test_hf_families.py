@@ -207,3 +207,100 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_bf16_checkpoints_stay_bf16_on_disk(tmp_path: Path) -> None:
+    """A bf16 folder imports as bf16 (--dtype auto) and exports as bf16 by default, with the
+    same bits; --dtype float32 still widens it."""
+    from safetensors import safe_open
+
+    model = hf_model("qwen3").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer("qwen3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+        ref = model.state_dict()
+        assert all(torch.equal(f.get_tensor(k), ref[k]) for k in names)
+    wide = tmp_path / "wide"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(wide), "--dtype",
+                "float32"]) == 0
+    assert json.loads((wide / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+# --------------------------------------------------------------------------- Phi-3
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_phi3_fused_tensors_split_on_import_and_fused_on_export(window: int | None,
+                                                                tmp_path: Path) -> None:
+    """Phi3ForCausalLM (q/k/v fused as qkv_proj with GQA, gate/up as gate_up_proj; Phi-3-mini's
+    sliding window): import, logits and greedy tokens as transformers'; export back as Phi-3
+    with no missing keys and the same fused tensors."""
+    t = transformers
+    config = t.Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, sliding_window=window, bos_token_id=1,
+                          eos_token_id=2, pad_token_id=0)
+    hf = randomize(t.Phi3ForCausalLM(config))
+    hf.save_pretrained(tmp_path / "hf")
+    write_tokenizer("phi3", tmp_path / "hf")
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    ours = load_model(tmp_path / "run").model
+    assert ours.cfg.sliding_window == window and ours.cfg.kv_heads == 2
+    x = ids(48)
+    assert max_diff(ours, hf, x) <= TOL
+    mine, theirs = greedy_pair(ours, hf)
+    assert mine == theirs
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ref = hf.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+    assert max_diff(load_model(tmp_path / "run").model, back.eval(), x) <= TOL
+
+
+# --------------------------------------------------------------------------- SentencePiece-style
+
+
+def test_metaspace_tokenizer_in_and_out(tmp_path: Path) -> None:
+    """A SentencePiece-style tokenizer.json (Llama 2 / Mistral: ▁ for spaces, byte fallback)
+    survives import and hf export: transformers' tokenizer of the export encodes and decodes
+    as the source's; GGUF export refuses it in one line naming it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from lmforge.config import UserError
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 50,
+                            trainers.BpeTrainer(vocab_size=290, special_tokens=specials))
+    model = hf_model("llama3")
+    model.resize_token_embeddings(tok.get_vocab_size())
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    text = "the cat  sat\non café 🙂"
+    loaded = load_model(tmp_path / "run")
+    assert loaded.tokenizer.encode(text).ids == tok.encode(text).ids
+    assert "<0xC3>" in tok.encode(text).tokens  # é went through the byte fallback
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs(text, add_special_tokens=False).input_ids == tok.encode(text).ids
+    ids_ = tok.encode(text).ids  # (the byte tokens were trained as special: keep them)
+    assert theirs.decode(ids_) == loaded.tokenizer.decode(ids_, skip_special_tokens=False) == text
+    with pytest.raises(UserError, match=r"SentencePiece-style \(Metaspace\)"):
+        run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
+             str(tmp_path / "g")])

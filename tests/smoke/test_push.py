@@ -39,10 +39,11 @@ def test_dry_run_lists_exactly_the_exported_files(run_dir: Path, workdir: Path) 
     folder = workdir / "exports" / "tiny-gguf-gguf"  # the default --out
     on_disk = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert listed(proc.stdout) == on_disk
-    assert set(on_disk) == {"README.md", "pushme.Q8_0.gguf"}
-    assert "would upload 2 files" in proc.stdout and "nothing was uploaded" in proc.stdout
+    assert set(on_disk) == {"README.md", "pushme.Q8_0.gguf", "Modelfile"}
+    assert "would upload 3 files" in proc.stdout and "nothing was uploaded" in proc.stdout
     card = (folder / "README.md").read_text()
     assert "llama-cli -hf someone/tiny-gguf" in card and "max |Δlogits|" in card
+    assert "ollama create NAME -f Modelfile" in card
 
 
 def test_offline_push_is_one_line_and_keeps_the_export(run_dir: Path, workdir: Path,
@@ -92,10 +93,14 @@ def test_model_card_states_the_model_its_training_and_how_to_load_it(
 
 
 def test_export_out_is_a_folder_not_a_file(run_dir: Path, workdir: Path) -> None:
-    proc = lmforge("export", "--run", str(run_dir), "--format", "gguf", "--out", "model.gguf",
+    """Only a GGUF export is one file (--format gguf --out model.gguf writes it)."""
+    proc = lmforge("export", "--run", str(run_dir), "--format", "onnx", "--out", "model.onnx",
                    cwd=workdir)
-    assert_user_error(proc, "model.gguf names a file", "--out model")
-    assert not (workdir / "model.gguf").exists()
+    assert_user_error(proc, "model.onnx names a file", "--out model")
+    proc = lmforge("export", "--run", str(run_dir), "--format", "hf", "--out", "model.gguf",
+                   cwd=workdir)
+    assert_user_error(proc, "model.gguf names a .gguf file", "add --format gguf")
+    assert not (workdir / "model.onnx").exists() and not (workdir / "model.gguf").exists()
 
 
 def test_export_write_failure_is_one_line(run_dir: Path, workdir: Path, tmp_path: Path) -> None:

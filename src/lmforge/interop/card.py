@@ -179,8 +179,10 @@ def _how_to_load(info: CardInfo) -> list[str]:
     if info.fmt == "gguf":
         gguf_file = next((f for f in info.files if f.endswith(".gguf")), "model.gguf")
         hub = f"llama-cli -hf {info.repo}" if info.repo else None
+        ollama = ["ollama create NAME -f Modelfile   # then: ollama run NAME"] if (
+            "Modelfile" in info.files) else []
         return ["```bash", f'llama-cli -m {gguf_file} -p "Once upon a time" -n 40',
-                *([hub] if hub else []),
+                *([hub] if hub else []), *ollama,
                 f"lmforge import {gguf_file} --out runs/NAME   # back into lmforge", "```"]
     inputs = info.extra.get("inputs", "input_ids")
     return ["```python", "import numpy as np, onnxruntime as ort",

@@ -1,27 +1,45 @@
-"""GGUF files (llama.cpp's format) in and out, for Llama-style decoders.
+"""GGUF files (llama.cpp's format) in and out, for the decoder families llama.cpp runs.
 
 A GGUF file is one binary holding metadata (key/value pairs: the architecture's shape, the
 tokenizer's vocabulary and merges, the chat template) and named tensors, each in its own type
 (F32, F16, BF16, or a block-quantized type such as Q8_0, Q4_0, Q4_1). We follow the names and
-keys of llama.cpp's ``convert_hf_to_gguf.py`` for its ``llama`` architecture:
+keys of llama.cpp's ``convert_hf_to_gguf.py`` for four of its architectures, chosen from our
+config the way the converter chooses them from a Hugging Face architecture:
+
+=======  ======================================  =============================================
+arch     our config                              difference in the file
+=======  ======================================  =============================================
+llama    rope/rmsnorm/swiglu (Llama, SmolLM)     q/k rows permuted; Llama 3.1 rope: rope_freqs
+qwen2    the same + ``qkv_bias``                 attn_q/k/v.bias; q/k not permuted (NeoX rope)
+qwen3    the same + ``qk_norm``                  attn_q_norm / attn_k_norm; not permuted
+gpt2     learned/layernorm/gelu + biases         position_embd; q, k, v fused as attn_qkv
+=======  ======================================  =============================================
 
 ==========================  =====================================================
 ours                        GGUF
 ==========================  =====================================================
-tok_emb.weight              token_embd.weight
+tok_emb / pos_emb           token_embd / position_embd
 blocks.N.attn_norm          blk.N.attn_norm
-blocks.N.attn.{q,k,v,o}     blk.N.attn_q / attn_k / attn_v / attn_output (q, k permuted)
+blocks.N.attn.{q,k,v,o}     blk.N.attn_q / attn_k / attn_v / attn_output (gpt2: attn_qkv)
+blocks.N.attn.{q,k}_norm    blk.N.attn_q_norm / attn_k_norm
 blocks.N.mlp_norm           blk.N.ffn_norm
-blocks.N.mlp.{gate,up,down} blk.N.ffn_gate / ffn_up / ffn_down
-norm_f.weight               output_norm.weight
+blocks.N.mlp.{gate,up,down} blk.N.ffn_gate / ffn_up / ffn_down (gpt2: fc_in, fc_out = up, down)
+norm_f                      output_norm
 lm_head.weight              output.weight (absent when tied to token_embd)
 ==========================  =====================================================
 
 The permutation: our RoPE rotates the two halves of each head (HF's ``rotate_half``), while
 llama.cpp's ``llama`` rope rotates adjacent pairs (x[2i], x[2i+1]). The converter therefore
 reorders the rows of q and k within each head so that pair i holds our rows i and i + D/2;
-writing applies that order and reading undoes it. Everything else is stored as is: a GGUF
-tensor of shape [ne0, ne1] is our (out, in) = (ne1, ne0) matrix, row-major.
+writing applies that order and reading undoes it. qwen2 and qwen3 use llama.cpp's NeoX rope,
+which rotates halves as we do: their rows are stored as they are. Everything else is stored
+as is: a GGUF tensor of shape [ne0, ne1] is our (out, in) = (ne1, ne0) matrix, row-major.
+
+The tokenizer's pre-type (``tokenizer.ggml.pre``, which of llama.cpp's built-in split rules
+it runs) is chosen as the converter chooses it: the sha256 of the ids of its check text,
+looked up in the converter's table; a tokenizer trained here has no entry there, so its
+pre-tokenizer is then recognized by structure (GPT-2's regex, SmolLM's digits, Llama 3's
+or Qwen2's split regex).
 
 The ``gguf`` package (llama.cpp's own Python reader/writer) is imported only inside functions
 of this module, so lmforge works without it until a GGUF is read or written.
@@ -29,9 +47,12 @@ of this module, so lmforge works without it until a GGUF is read or written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +61,10 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling, rope_frequencies
 
 MAGIC = b"GGUF"
-ARCH = "llama"
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
 INSTALL = "pip install gguf (or pip install 'lmforge[export]')"
 # --gguf_type -> (GGML type of matrices, GGML type of the embedding and head, llama.cpp file type)
 # Q4_0 keeps token_embd/output at Q8_0, as llama.cpp keeps its output at a higher precision:
@@ -55,17 +76,47 @@ TYPES = {
     "q8_0": ("Q8_0", "Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "Q8_0", "MOSTLY_Q4_0"),
 }
-_TOP = {"tok_emb.weight": "token_embd.weight", "norm_f.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
+_TOP = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm_f": "output_norm",
+        "lm_head": "output"}
 _IN_BLOCK = {
-    "attn_norm.weight": "attn_norm.weight", "attn.q_proj.weight": "attn_q.weight",
-    "attn.k_proj.weight": "attn_k.weight", "attn.v_proj.weight": "attn_v.weight",
-    "attn.o_proj.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+    "attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm",
+    "attn.k_norm": "attn_k_norm", "mlp_norm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.fc_in": "ffn_up",
+    "mlp.fc_out": "ffn_down",
 }
+_QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # fused, in this order, as gpt2's attn_qkv
+ROPE_FREQS = "rope_freqs.weight"
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# Source metadata an import keeps and an export writes back (beyond what we compute):
+# every general.* key but these, and these tokenizer ids.
+_OWN_GENERAL = ("general.architecture", "general.type", "general.file_type",
+                "general.quantization_version", "general.alignment")
+_KEPT_IDS = tuple(f"tokenizer.ggml.{k}_token_id" for k in (
+    "unknown", "padding", "seperator", "mask", "eot", "eom"))  # "seperator": llama.cpp's spelling
+
+# Split regexes of the byte-level BPE pre-tokenizers, as Hugging Face tokenizer.json files hold
+# them (llama.cpp compiles an equivalent of each, selected by the tokenizer.ggml.pre name).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLITS = {"llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+# convert_hf_to_gguf.py's get_vocab_base_pre: the text whose token ids identify a tokenizer ...
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
+    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
+    "sure I'll make it, 'D you like some tea? We'Ve a'lL")
+# ... and the sha256 of str(ids) -> pre-type, for the families lmforge exports (from its table).
+KNOWN_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5/2/2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM 1/2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
+}
 
 
 def _gguf() -> Any:
@@ -89,12 +140,14 @@ def is_gguf(path: Path) -> bool:
 # --------------------------------------------------------------------------- names and layout
 
 
-def gguf_name(ours: str) -> str:
+def gguf_name(ours: str, arch: str = "llama") -> str:
     """The llama.cpp name of one of our state-dict keys (``blocks.3.attn.q_proj.weight``)."""
-    if ours in _TOP:
-        return _TOP[ours]
-    _, layer, rest = ours.split(".", 2)
-    return f"blk.{layer}.{_IN_BLOCK[rest]}"
+    module, _, param = ours.rpartition(".")
+    if module in _TOP:
+        return f"{_TOP[module]}.{param}"
+    _, layer, rest = module.split(".", 2)
+    name = "attn_qkv" if arch == "gpt2" and rest in _QKV else _IN_BLOCK[rest]
+    return f"blk.{layer}.{name}.{param}"
 
 
 def permute_qk(w: Tensor, n_head: int) -> Tensor:
@@ -110,8 +163,10 @@ def unpermute_qk(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def _heads_of(ours: str, cfg: DecoderConfig) -> int | None:
-    """Heads to (un)permute a tensor by: n_head for q, the KV heads for k, None otherwise."""
+def _heads_of(ours: str, cfg: DecoderConfig, arch: str) -> int | None:
+    """Heads to (un)permute a tensor by (llama only): n_head for q, the KV heads for k."""
+    if arch != "llama":
+        return None
     if ours.endswith("attn.q_proj.weight"):
         return cfg.n_head
     if ours.endswith("attn.k_proj.weight"):
@@ -119,27 +174,71 @@ def _heads_of(ours: str, cfg: DecoderConfig) -> int | None:
     return None
 
 
-def check_exportable(cfg: DecoderConfig) -> None:
-    """UserError naming the field when llama.cpp's ``llama`` architecture cannot hold ``cfg``."""
+def gguf_arch(cfg: DecoderConfig) -> str:
+    """The llama.cpp architecture that computes what ``cfg`` does, or a UserError naming the
+    field that none of llama, qwen2, qwen3, gpt2 has."""
     style = (cfg.pos, cfg.norm, cfg.mlp)
+    if style == ("learned", "layernorm", "gelu"):
+        for name, bad in (("bias", not cfg.bias), ("n_kv_head", cfg.kv_heads != cfg.n_head),
+                          ("sliding_window", cfg.sliding_window is not None),
+                          ("head_size", cfg.head_size is not None), ("qk_norm", cfg.qk_norm)):
+            if bad:
+                raise UserError(f"model.{name}: llama.cpp's gpt2 architecture has no "
+                                f"{name}={getattr(cfg, name)}; export with --format hf or onnx")
+        return "gpt2"
     if style != ("rope", "rmsnorm", "swiglu"):
         raise UserError(
-            f"model.pos/norm/mlp: {'/'.join(style)} cannot be written as GGUF; lmforge writes "
-            "the llama architecture (rope/rmsnorm/swiglu); export GPT-2 style runs with --format "
-            "hf or onnx")
-    for name, bad in (("bias", cfg.bias), ("qkv_bias", cfg.qkv_bias),
-                      ("sliding_window", cfg.sliding_window is not None)):
+            f"model.pos/norm/mlp: {'/'.join(style)} has no llama.cpp architecture; GGUF holds "
+            "rope/rmsnorm/swiglu (llama, qwen2, qwen3) or learned/layernorm/gelu (gpt2)")
+    for name, bad in (("bias", cfg.bias), ("sliding_window", cfg.sliding_window is not None),
+                      ("qkv_bias", cfg.qkv_bias and cfg.qk_norm)):
         if bad:
-            raise UserError(f"model.{name}: GGUF export writes llama.cpp's llama architecture, "
-                            f"which has no {name}; export with --format hf or onnx instead")
-    for name, bad in (("head_size", cfg.head_size is not None), ("qk_norm", cfg.qk_norm),
-                      ("rope_scaling", cfg.rope_scaling.type != "none")):
-        if bad:
-            raise UserError(f"model.{name}: lmforge's GGUF export does not write {name} yet; "
-                            "export with --format hf or onnx instead")
+            raise UserError(f"model.{name}: none of llama.cpp's llama, qwen2, qwen3 "
+                            f"architectures has {name} with this config; export with --format "
+                            "hf or onnx instead")
+    arch = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    kind = cfg.rope_scaling.type
+    if kind == "yarn" or (kind == "llama3" and arch != "llama"):
+        raise UserError(f"model.rope_scaling: lmforge's GGUF export writes rope_scaling "
+                        f"{kind} for llama only, linear for all; export with --format hf "
+                        "or onnx instead")
+    return arch
+
+
+def _llama3_factors(cfg: DecoderConfig) -> Tensor:
+    """llama.cpp's rope_freqs (D/2,): plain frequency / Llama 3.1 frequency, per pair."""
+    plain = dataclasses.replace(cfg, rope_scaling=RopeScaling())
+    base, _ = rope_frequencies(plain, torch.device("cpu"))
+    scaled, _ = rope_frequencies(cfg, torch.device("cpu"))
+    return (base / scaled).float()
+
+
+def gguf_tensors(model: Decoder, arch: str) -> dict[str, Tensor]:
+    """Every tensor the file holds, by llama.cpp name, in fp32 (permuted, fused as needed)."""
+    cfg = model.cfg
+    parts: dict[str, list[Tensor]] = {}
+    for ours, t in model.state_dict().items():
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        t = t.detach().float().cpu()
+        heads = _heads_of(ours, cfg, arch)
+        parts.setdefault(gguf_name(ours, arch), []).append(permute_qk(t, heads) if heads else t)
+    out = {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
+    if cfg.rope_scaling.type == "llama3":
+        out[ROPE_FREQS] = _llama3_factors(cfg)
+    return out
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as plain Python (numpy scalars and arrays from the reader)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass
@@ -167,11 +266,20 @@ class GGUFFile:
         types = Counter(t.tensor_type.name for t in reader.tensors)
         return cls(path, meta, tensors, types)
 
+    @property
+    def arch(self) -> str:
+        """general.architecture, or a UserError when lmforge does not read it."""
+        arch = self.meta.get("general.architecture")
+        if arch not in ARCHS:
+            raise UserError(f"{self.path}: general.architecture is {arch!r}; lmforge reads "
+                            f"{', '.join(ARCHS)}")
+        return str(arch)
+
     def need(self, key: str) -> Any:
         """Metadata value ``key``, or a UserError naming it."""
         if key not in self.meta:
             raise UserError(f"{self.path}: metadata key {key} is missing; is it a complete "
-                            f"{ARCH} GGUF file?")
+                            "GGUF file?")
         return self.meta[key]
 
     def tensor(self, name: str) -> Tensor:
@@ -188,68 +296,136 @@ class GGUFFile:
         # np.array copies: an F32 tensor is a read-only view of the memory-mapped file.
         return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
+    def kept_metadata(self) -> dict[str, Any]:
+        """The source's own metadata a re-export writes back: name, license, languages, ...,
+        and the special-token ids beyond BOS/EOS (unknown, padding, ...)."""
+        return {k: _plain(v) for k, v in self.meta.items()
+                if (k.startswith("general.") and k not in _OWN_GENERAL) or k in _KEPT_IDS}
+
+
+def _rope_scaling(f: GGUFFile, arch: str, head_dim: int, theta: float) -> RopeScaling:
+    """linear from the metadata, Llama 3.1's from a rope_freqs tensor, else none."""
+    kind = f.meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        return RopeScaling(type="linear", factor=float(f.need(f"{arch}.rope.scaling.factor")))
+    if kind not in ("none", None):
+        raise UserError(f"{f.path}: {arch}.rope.scaling.type = {kind!r} is not supported "
+                        "(lmforge reads linear, and Llama 3.1's rope_freqs)")
+    if ROPE_FREQS not in f.tensors:
+        return RopeScaling()
+    original = int(f.meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    return fit_llama3(f.tensor(ROPE_FREQS).double(), head_dim, theta, original, str(f.path))
+
+
+def fit_llama3(factors: Tensor, head_dim: int, theta: float, original: int,
+               where: str) -> RopeScaling:
+    """The Llama 3.1 rope_scaling whose rope_freqs are ``factors`` (UserError if none is).
+
+    In the blend band 1/f = 1/factor + s (1 - 1/factor) with s linear in original/wavelength:
+    s = (original/wavelength - low) / (high - low), so two blended pairs give low and high.
+    Only the ratios original/low and original/high matter, so ``original`` may be any value.
+    """
+    factor = float(factors.max())
+    x = original * (1.0 / theta ** (torch.arange(0, head_dim, 2).double() / head_dim)) / (
+        2 * math.pi)  # original / wavelength, rising with the pair index
+    blended = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    s = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    if int(blended.sum()) >= 2:
+        a, b = np.polyfit(x[blended].numpy(), s[blended].numpy(), 1)
+        low, high = -b / a, (1 - b) / a
+    else:  # too few blended pairs to fit: any edges between the bands give the same table
+        kept, divided = x[factors <= 1 + 1e-6], x[factors >= factor - 1e-6]
+        low = float(divided.max()) * 1.0001 if len(divided) else float(x.min()) / 2
+        high = float(kept.min()) * 0.9999 if len(kept) else float(x.max()) * 2
+        if int(blended.sum()) == 1:  # keep high, move low so that the one pair blends right
+            x1, s1 = float(x[blended][0]), float(s[blended][0])
+            high = (x1 + high) / 2
+            low = (x1 - s1 * high) / (1 - s1)
+    try:
+        rs = RopeScaling(type="llama3", factor=factor, original_block_size=original,
+                         low_freq_factor=float(low), high_freq_factor=float(high))
+    except ConfigError:
+        rs = None
+    if rs is None or not torch.allclose(_llama3_factors(DecoderConfig(
+            vocab_size=1, n_head=1, n_embd=head_dim, rope_theta=theta, rope_scaling=rs)).double(),
+            factors, rtol=1e-4):
+        raise UserError(f"{where}: tensor {ROPE_FREQS} does not follow Llama 3.1's rope "
+                        "scaling, the only frequency table lmforge reads")
+    return rs
+
 
 def decoder_config_from_gguf(f: GGUFFile) -> DecoderConfig:
-    """Our config for a ``llama`` GGUF: shape from the metadata, vocab and tying from tensors."""
-    arch = f.meta.get("general.architecture")
-    if arch != ARCH:
-        raise UserError(f"{f.path}: general.architecture is {arch!r}; lmforge reads the "
-                        f"{ARCH!r} architecture (Llama, SmolLM, Mistral-style without a window)")
-    for key in (f"{ARCH}.expert_count", f"{ARCH}.rope.scaling.type"):
-        value = f.meta.get(key)
-        if value not in (None, 0, "none"):
-            raise UserError(f"{f.path}: {key} = {value!r} is not supported (lmforge implements "
-                            "dense models with plain RoPE)")
+    """Our config for a llama/qwen2/qwen3/gpt2 GGUF: shape from the metadata, the rest from
+    which tensors the file has (biases, q/k norms, a separate head)."""
+    arch = f.arch
+    value = f.meta.get(f"{arch}.expert_count")
+    if value not in (None, 0):
+        raise UserError(f"{f.path}: {arch}.expert_count = {value!r} is not supported (lmforge "
+                        "implements dense models)")
     if "token_embd.weight" not in f.tensors:
         raise UserError(f"{f.path}: tensor token_embd.weight is missing")
-    width = int(f.need(f"{ARCH}.embedding_length"))
-    heads = int(f.need(f"{ARCH}.attention.head_count"))
-    kv = int(f.meta.get(f"{ARCH}.attention.head_count_kv", heads))
-    head_dim = width // heads
-    for key in (f"{ARCH}.rope.dimension_count", f"{ARCH}.attention.key_length"):
-        if key in f.meta and int(f.meta[key]) != head_dim:
-            raise UserError(f"{f.path}: {key} = {f.meta[key]} but lmforge needs it equal to "
-                            f"embedding_length / head_count = {head_dim}")
+    width = int(f.need(f"{arch}.embedding_length"))
+    heads = int(f.need(f"{arch}.attention.head_count"))
+    kv = int(f.meta.get(f"{arch}.attention.head_count_kv", heads))
+    common = dict(
+        vocab_size=int(f.tensors["token_embd.weight"].shape[1]),
+        block_size=int(f.need(f"{arch}.context_length")),
+        n_layer=int(f.need(f"{arch}.block_count")), n_head=heads,
+        n_kv_head=None if kv == heads else kv, n_embd=width,
+        intermediate_size=int(f.need(f"{arch}.feed_forward_length")),
+        tie_embeddings="output.weight" not in f.tensors, dropout=0.0)
     try:
+        if arch == "gpt2":
+            return DecoderConfig(
+                **common, norm="layernorm", pos="learned", mlp="gelu", bias=True,
+                norm_eps=float(f.meta.get("gpt2.attention.layer_norm_epsilon", 1e-5)))
+        head_dim = int(f.meta.get(f"{arch}.attention.key_length", width // heads))
+        for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
+            if key in f.meta and int(f.meta[key]) != head_dim:
+                raise UserError(f"{f.path}: {key} = {f.meta[key]} but lmforge needs it equal "
+                                f"to the head width {head_dim} (partial rotary is unsupported)")
+        theta = float(f.meta.get(f"{arch}.rope.freq_base", 10000.0))
         return DecoderConfig(
-            vocab_size=int(f.tensors["token_embd.weight"].shape[1]),
-            block_size=int(f.need(f"{ARCH}.context_length")),
-            n_layer=int(f.need(f"{ARCH}.block_count")), n_head=heads,
-            n_kv_head=None if kv == heads else kv, n_embd=width,
-            intermediate_size=int(f.need(f"{ARCH}.feed_forward_length")), norm="rmsnorm",
-            norm_eps=float(f.meta.get(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-5)),
-            pos="rope", rope_theta=float(f.meta.get(f"{ARCH}.rope.freq_base", 10000.0)),
-            mlp="swiglu", tie_embeddings="output.weight" not in f.tensors, dropout=0.0)
+            **common, norm="rmsnorm", pos="rope", mlp="swiglu", rope_theta=theta,
+            norm_eps=float(f.meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_scaling=_rope_scaling(f, arch, head_dim, theta),
+            qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm=arch == "qwen3",
+            head_size=None if head_dim * heads == width else head_dim)
     except ConfigError as e:
         raise UserError(f"{f.path}: {e}") from None
 
 
 def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.float32) -> Decoder:
-    """Our model holding the (dequantized, unpermuted) weights of ``f``, in eval mode."""
+    """Our model holding the (dequantized, unpermuted, split) weights of ``f``, in eval mode."""
     cfg = decoder_config_from_gguf(f)
+    arch = f.arch
     with torch.device("meta"):
         model = Decoder(cfg)
     model.to_empty(device="cpu")  # every tensor is overwritten below: skip the random init
     model.to(dtype)
-    state, used = model.state_dict(), set()
-    for ours, t in state.items():
-        if ours == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        name = gguf_name(ours)
+    state = model.state_dict()
+    groups: dict[str, list[str]] = {}  # llama.cpp name -> our keys (q, k, v for attn_qkv)
+    for ours in state:
+        if not (ours == "lm_head.weight" and cfg.tie_embeddings):
+            groups.setdefault(gguf_name(ours, arch), []).append(ours)
+    for name, keys in groups.items():
         if name not in f.tensors:
-            raise UserError(f"{f.path}: tensor {name} is missing; is it a complete {ARCH} file?")
+            raise UserError(f"{f.path}: tensor {name} is missing; is it a complete {arch} "
+                            "file?")
         w = f.tensor(name)
-        if tuple(w.shape) != tuple(t.shape):
+        rows = [state[k].shape[0] for k in keys]
+        want = (sum(rows), *state[keys[0]].shape[1:])
+        if tuple(w.shape) != want:
             raise UserError(f"{f.path}: tensor {name} has shape {tuple(w.shape)} but the "
-                            f"metadata implies {tuple(t.shape)}")
-        heads = _heads_of(ours, cfg)
-        with torch.no_grad():
-            t.copy_(unpermute_qk(w, heads) if heads else w)
-        used.add(name)
-    extra = sorted(set(f.tensors) - used)
-    if extra:  # e.g. rope_freqs (Llama 3.1 rope scaling) or attention biases
-        raise UserError(f"{f.path}: tensor {extra[0]} is not used by lmforge's {ARCH} "
-                        "(unsupported variant: rope scaling or biases?)")
+                            f"metadata implies {want}")
+        for key, part in zip(keys, w.split(rows), strict=True):
+            heads = _heads_of(key, cfg, arch)
+            with torch.no_grad():
+                state[key].copy_(unpermute_qk(part, heads) if heads else part)
+    extra = sorted(set(f.tensors) - set(groups) - {ROPE_FREQS})
+    if extra:  # e.g. biases where llama has none
+        raise UserError(f"{f.path}: tensor {extra[0]} is not used by lmforge's {arch} "
+                        "(an unsupported variant)")
     return model.eval()
 
 
@@ -257,6 +433,14 @@ def special_ids(f: GGUFFile) -> tuple[int | None, int | None]:
     """(BOS id, EOS id) from the tokenizer metadata."""
     bos, eos = (f.meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos"))
     return (None if bos is None else int(bos)), (None if eos is None else int(eos))
+
+
+def stop_ids(f: GGUFFile) -> list[int]:
+    """Every id that ends a text: EOS, then end-of-turn and end-of-message (Llama 3's
+    <|eot_id|>, <|eom_id|>), as llama.cpp stops at each."""
+    keys = ("eos", "eot", "eom")
+    ids = (f.meta.get(f"tokenizer.ggml.{k}_token_id") for k in keys)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def chat_template(f: GGUFFile) -> str | None:
@@ -270,32 +454,53 @@ def chat_template(f: GGUFFile) -> str | None:
 
 def _pre_tokenizer(name: str, where: str) -> Any:
     """The ``tokenizers`` pre-tokenizer for a llama.cpp ``tokenizer.ggml.pre`` name."""
+    from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
 
-    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
-    if name in ("gpt-2", "gpt2"):
-        return byte_level
+    if name in ("gpt-2", "gpt2", "default"):
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
     if name == "smollm":  # llama.cpp: "\p{N}" (each digit alone), then GPT-2's regex
-        return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if name in _SPLITS:  # as Llama 3's and Qwen2's tokenizer.json: split, then bytes only
+        return pt.Sequence([pt.Split(Regex(_SPLITS[name]), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise UserError(f"{where}: tokenizer.ggml.pre = {name!r} is not supported; lmforge rebuilds "
-                    "the 'gpt-2' and 'smollm' byte-level pre-tokenizers")
+                    f"gpt-2, smollm, {', '.join(_SPLITS)}")
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str | None:
-    """The llama.cpp pre-tokenizer name matching a tokenizer.json, or None if none does."""
+    """The llama.cpp pre-tokenizer whose split rule a tokenizer.json's is, or None."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
 
-    def byte_level(p: dict[str, Any]) -> bool:
+    def byte_level(p: dict[str, Any], regex: bool = True) -> bool:
         return (p.get("type") == "ByteLevel" and not p.get("add_prefix_space")
-                and p.get("use_regex", True))
+                and bool(p.get("use_regex", True)) == regex)
 
     if byte_level(pre):
         return "gpt-2"
     parts = pre.get("pretokenizers") or []
-    if (pre.get("type") == "Sequence" and len(parts) == 2 and byte_level(parts[1])
-            and parts[0] == {"type": "Digits", "individual_digits": True}):
+    if pre.get("type") != "Sequence" or len(parts) != 2:
+        return None
+    if byte_level(parts[1]) and parts[0] == {"type": "Digits", "individual_digits": True}:
         return "smollm"
+    split = parts[0]
+    if (byte_level(parts[1], regex=False) and split.get("type") == "Split"
+            and split.get("behavior") == "Isolated" and not split.get("invert")):
+        regex = (split.get("pattern") or {}).get("Regex")
+        return next((name for name, r in _SPLITS.items() if r == regex), None)
     return None
+
+
+def check_hash(tok: Any) -> str:
+    """convert_hf_to_gguf.py's identifier of a tokenizer: sha256 of the ids of CHECK_TEXT."""
+    return sha256(str(tok.encode(CHECK_TEXT).ids).encode()).hexdigest()
+
+
+def choose_pre(tok: Any, tokenizer_json: dict[str, Any]) -> str | None:
+    """tokenizer.ggml.pre for a tokenizer: by its check hash, as llama.cpp's converter does,
+    else (a tokenizer trained here, unknown to that table) by its pre-tokenizer's structure."""
+    return KNOWN_HASHES.get(check_hash(tok)) or pre_tokenizer_name(tokenizer_json)
 
 
 def gguf_tokenizer(f: GGUFFile) -> Any:
@@ -345,12 +550,20 @@ def _gguf_vocab(tokenizer_path: Path, vocab_size: int) -> Vocab:
     from tokenizers import Tokenizer
 
     data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
-    pre = pre_tokenizer_name(data)
-    if data.get("model", {}).get("type") != "BPE" or pre is None or data.get("normalizer"):
-        raise UserError(f"{tokenizer_path}: GGUF export needs a byte-level BPE tokenizer with "
-                        "GPT-2's (or SmolLM's) pre-tokenizer and no normalizer, which lmforge "
-                        "trains; this one has no llama.cpp equivalent")
     tok = Tokenizer.from_file(str(tokenizer_path))
+    pre = choose_pre(tok, data)
+    kind, why = data.get("model", {}).get("type"), None
+    if kind != "BPE":
+        why = f"a {kind} model, where GGUF export writes byte-level BPE"
+    elif data.get("normalizer") or "Metaspace" in json.dumps(data.get("pre_tokenizer")):
+        why = ("a SentencePiece-style (Metaspace) BPE, which llama.cpp reads as a 'llama' "
+               "vocabulary with scores; lmforge writes byte-level BPE ('gpt2') only")
+    elif pre is None:
+        why = ("a pre-tokenizer that is none of llama.cpp's gpt-2, smollm, llama-bpe, qwen2 "
+               "split rules")
+    if why:
+        raise UserError(f"{tokenizer_path}: the tokenizer is {why}; export this run with "
+                        "--format hf or onnx")
     # Rows of the embedding that no token uses get placeholder names, as llama.cpp does.
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for text, i in tok.get_vocab(with_added_tokens=True).items():
@@ -379,13 +592,35 @@ class GGUFMeta:
     bos_id: int | None
     eos_id: int | None
     chat_template: str | None = None
+    kept: dict[str, Any] = field(default_factory=dict)
+    """The source's metadata (GGUFFile.kept_metadata of an imported file): written back as
+    it was, its general.name replacing ``name``."""
 
 
-def _metadata(w: Any, cfg: DecoderConfig, meta: GGUFMeta, file_type: int) -> None:
+def _add_kept(w: Any, kept: dict[str, Any]) -> None:
+    """Write back kept metadata: strings, booleans, token ids (uint32), floats, string lists."""
+    gguf = _gguf()
+    vt = gguf.GGUFValueType
+    for key, value in kept.items():
+        if key == "general.name":
+            continue  # written by add_name
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            w.add_key_value(key, value, vt.ARRAY, sub_type=vt.STRING)
+
+
+def _metadata(w: Any, cfg: DecoderConfig, arch: str, meta: GGUFMeta, file_type: int) -> None:
     """The llama.cpp architecture and tokenizer keys, on GGUFWriter ``w``."""
     gguf = _gguf()
     w.add_type("model")
-    w.add_name(meta.name)
+    w.add_name(str(meta.kept.get("general.name", meta.name)))
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.block_size)
@@ -393,10 +628,22 @@ def _metadata(w: Any, cfg: DecoderConfig, meta: GGUFMeta, file_type: int) -> Non
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.ffn_dim)
     w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        if cfg.head_size is not None:
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+        rs = cfg.rope_scaling
+        if rs.type == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rs.factor)
+        elif rs.type == "llama3":  # the table is the rope_freqs tensor; this says its base
+            w.add_rope_scaling_orig_ctx_len(rs.original_block_size or cfg.block_size)
     w.add_vocab_size(cfg.vocab_size)
     vocab = _gguf_vocab(meta.tokenizer, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -414,6 +661,8 @@ def _metadata(w: Any, cfg: DecoderConfig, meta: GGUFMeta, file_type: int) -> Non
     w.add_add_bos_token(vocab.add_bos)
     if meta.chat_template:
         w.add_chat_template(meta.chat_template)
+    _add_kept(w, {k: v for k, v in meta.kept.items() if k.startswith("general.")
+                  or (isinstance(v, int) and 0 <= v < cfg.vocab_size)})
 
 
 def _encode(t: Tensor, ggml_type: str) -> tuple[np.ndarray, Any]:
@@ -425,7 +674,7 @@ def _encode(t: Tensor, ggml_type: str) -> tuple[np.ndarray, Any]:
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[ggml_type]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if t.ndim == 1 or ggml_type == "F32":  # norms stay F32, as llama.cpp keeps 1-D tensors
+    if t.ndim == 1 or ggml_type == "F32":  # norms and biases stay F32, as llama.cpp keeps 1-D
         return t.float().numpy(), None
     if ggml_type == "F16" or t.shape[-1] % block:
         return t.half().numpy(), None
@@ -433,22 +682,18 @@ def _encode(t: Tensor, ggml_type: str) -> tuple[np.ndarray, Any]:
 
 
 def write_gguf(model: Decoder, path: Path, gguf_type: str, meta: GGUFMeta) -> Counter[str]:
-    """Write ``model`` as a llama.cpp ``llama`` GGUF; returns the count of each tensor type."""
+    """Write ``model`` as a llama.cpp GGUF of its architecture; the count of each tensor type."""
     gguf = _gguf()
     cfg = model.cfg
-    check_exportable(cfg)
+    arch = gguf_arch(cfg)
     matrix_type, edge_type, file_type = TYPES[gguf_type]
-    w = gguf.GGUFWriter(str(path), ARCH)
-    _metadata(w, cfg, meta, gguf.LlamaFileType[file_type])
+    w = gguf.GGUFWriter(str(path), arch)
+    _metadata(w, cfg, arch, meta, gguf.LlamaFileType[file_type])
     written: Counter[str] = Counter()
-    for ours, t in model.state_dict().items():
-        if ours == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        heads = _heads_of(ours, cfg)
-        t = (permute_qk(t, heads) if heads else t).detach().float().cpu()
-        edge = ours in ("tok_emb.weight", "lm_head.weight")
+    for name, t in gguf_tensors(model, arch).items():
+        edge = name in ("token_embd.weight", "output.weight")
         data, raw = _encode(t, edge_type if edge else matrix_type)
-        w.add_tensor(gguf_name(ours), data, raw_dtype=raw)
+        w.add_tensor(name, data, raw_dtype=raw)
         written[raw.name if raw is not None else ("F32" if data.dtype == np.float32 else "F16")] += 1
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -9,6 +9,9 @@ LlamaForCausalLM       rope + rmsnorm + swiglu, optional GQA, attention_bias/mlp
 Qwen2ForCausalLM       the same with biases on q/k/v only (``qkv_bias``)
 Qwen3ForCausalLM       the same with no biases and RMSNorm on q and k per head (``qk_norm``)
 MistralForCausalLM     the same with a ``sliding_window``
+Phi3ForCausalLM        Llama's computation (optionally a window) with q/k/v fused as
+                       ``qkv_proj`` and gate/up as ``gate_up_proj``: split on import, fused
+                       on export (an import from Phi-3 exports as Phi-3 again)
 GPT2LMHeadModel        learned positions + layernorm + tanh-GELU MLP + biases
 =====================  ==================================================================
 
@@ -60,6 +63,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", "llama"),
     "Qwen3ForCausalLM": ("qwen3", "llama"),
     "MistralForCausalLM": ("mistral", "llama"),
+    "Phi3ForCausalLM": ("phi3", "phi3"),
     "GPT2LMHeadModel": ("gpt2", "gpt2"),
 }
 # Values transformers assumes when config.json leaves a key out (its config-class defaults).
@@ -70,6 +74,7 @@ _DEFAULTS = {
               "head_dim": 128},
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
                 "tie_word_embeddings": False},
+    "phi3": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
 }
 # Buffers some older files carry that hold nothing learned (causal masks, rotary frequencies).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -141,7 +146,7 @@ def _yarn_attention_factor(p: dict[str, Any], factor: float) -> float | None:
 def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: str) -> int | None:
     """One window for every layer (Mistral), or per-layer Qwen2 settings that amount to one."""
     window = hf.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return window
     if model_type not in ("qwen2", "qwen3"):
         return None
@@ -162,7 +167,7 @@ def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, where: st
 
 
 def _llama_like_config(hf: dict[str, Any], model_type: str, where: str) -> DecoderConfig:
-    """Llama, Qwen2, Qwen3 and Mistral configs -> DecoderConfig."""
+    """Llama, Qwen2, Qwen3, Mistral and Phi-3 configs -> DecoderConfig."""
     d = {**_DEFAULTS[model_type], **hf}
     c, heads = _need(d, "hidden_size", where), _need(d, "num_attention_heads", where)
     act = d.get("hidden_act", "silu")
@@ -230,8 +235,16 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str) -> tuple[DecoderConfi
         raise UserError(f"{where}: {e}") from None
 
 
-def export_architecture(cfg: DecoderConfig) -> str:
-    """The Hugging Face architecture that computes exactly what ``cfg`` does, or UserError."""
+def export_architecture(cfg: DecoderConfig, prefer: str | None = None) -> str:
+    """The Hugging Face architecture that computes exactly what ``cfg`` does, or UserError.
+
+    ``prefer`` (the architecture a run was imported from) wins where it computes the same:
+    a Phi-3 import exports as Phi3ForCausalLM, not as the Llama it equals.
+    """
+    if (prefer == "Phi3ForCausalLM" and (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm",
+                                                                         "swiglu")
+            and not (cfg.bias or cfg.qkv_bias or cfg.qk_norm)):
+        return prefer
     style = (cfg.pos, cfg.norm, cfg.mlp)
     if style == ("learned", "layernorm", "gelu"):
         if not cfg.bias:
@@ -264,13 +277,18 @@ def export_architecture(cfg: DecoderConfig) -> str:
     return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
 
 
-def hf_config(cfg: DecoderConfig, bos_id: int | None,
-              eos_id: int | list[int] | None) -> dict[str, Any]:
-    """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read)."""
-    arch = export_architecture(cfg)
+def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | list[int] | None,
+              prefer: str | None = None, pad_id: int | None = None) -> dict[str, Any]:
+    """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read).
+
+    pad_token_id is always written (null when there is none): Phi3Config's default, 32000,
+    is beyond a small vocabulary.
+    """
+    arch = export_architecture(cfg, prefer)
     common = {"architectures": [arch], "model_type": ARCHITECTURES[arch][0],
               "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "initializer_range": cfg.init_std, "bos_token_id": bos_id, "eos_token_id": eos_id}
+              "initializer_range": cfg.init_std, "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "pad_token_id": pad_id}
     if arch == "GPT2LMHeadModel":
         return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ffn_dim,
@@ -284,7 +302,7 @@ def hf_config(cfg: DecoderConfig, bos_id: int | None,
            "attention_dropout": 0.0}
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    elif arch == "MistralForCausalLM":
+    elif arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out.update(sliding_window=cfg.sliding_window)
     else:  # Qwen2/3: max_window_layers=0 makes every layer slide when the window is on
         out.update(use_sliding_window=cfg.sliding_window is not None,
@@ -319,7 +337,10 @@ class Link:
     ours: str
     theirs: str
     transpose: bool = False  # GPT-2's Conv1D stores (in, out), nn.Linear (out, in)
-    part: int | None = None  # index into GPT-2's fused c_attn = cat(q, k, v) along our dim 0
+    rows: tuple[int, int] | None = None
+    """Our rows within a fused tensor (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj)."""
+    total: int = 0
+    """Rows of the whole fused tensor."""
 
 
 _LLAMA_NAMES = {"tok_emb": "model.embed_tokens", "blocks": "model.layers",
@@ -329,36 +350,47 @@ _GPT2_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe",
                "blocks": "transformer.h", "attn_norm": "ln_1", "mlp_norm": "ln_2",
                "q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "c_proj",
                "fc_in": "c_fc", "fc_out": "c_proj", "norm_f": "transformer.ln_f"}
-_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_PHI3_NAMES = {**_LLAMA_NAMES, "q_proj": "qkv_proj", "k_proj": "qkv_proj",
+               "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# Order of our tensors inside a fused one: cat(q, k, v) and cat(gate, up) along dim 0.
+_FUSED_ORDER = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
 
 
 def weight_links(model: Decoder, arch: str) -> list[Link]:
     """One link per tensor of ``model`` (a tied head is the embedding's; it has none)."""
-    gpt2 = ARCHITECTURES[arch][1] == "gpt2"
-    names = _GPT2_NAMES if gpt2 else _LLAMA_NAMES
+    family = ARCHITECTURES[arch][1]
+    names = {"gpt2": _GPT2_NAMES, "phi3": _PHI3_NAMES}.get(family, _LLAMA_NAMES)
+    state = model.state_dict()
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        if not (key == "lm_head.weight" and model.cfg.tie_embeddings):
+            groups.setdefault(".".join(names.get(p, p) for p in key.split(".")), []).append(key)
     links = []
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and model.cfg.tie_embeddings:
+    for theirs, keys in groups.items():
+        transpose = family == "gpt2" and keys[0].startswith("blocks.") and state[keys[0]].ndim == 2
+        if len(keys) == 1:
+            links.append(Link(keys[0], theirs, transpose))
             continue
-        parts = key.split(".")
-        theirs = ".".join(names.get(p, p) for p in parts)
-        in_block = gpt2 and parts[0] == "blocks"
-        part = _QKV.get(parts[-2]) if in_block else None
-        links.append(Link(key, theirs, transpose=in_block and t.ndim == 2, part=part))
+        keys.sort(key=lambda k: _FUSED_ORDER[k.split(".")[-2]])
+        total, start = sum(state[k].shape[0] for k in keys), 0
+        for key in keys:
+            stop = start + state[key].shape[0]
+            links.append(Link(key, theirs, transpose, (start, stop), total))
+            start = stop
     return links
 
 
 def _their_shape(link: Link, ours: torch.Size) -> tuple[int, ...]:
     shape = list(ours)
-    if link.part is not None:
-        shape[0] *= len(_QKV)
+    if link.rows is not None:
+        shape[0] = link.total
     return tuple(reversed(shape)) if link.transpose else tuple(shape)
 
 
 def _to_ours(link: Link, t: Tensor) -> Tensor:
     if link.transpose:
         t = t.T
-    return t.chunk(len(_QKV), dim=0)[link.part] if link.part is not None else t
+    return t[link.rows[0]:link.rows[1]] if link.rows is not None else t
 
 
 # --------------------------------------------------------------------------- reading a folder
@@ -561,9 +593,9 @@ def hf_state_dict(model: Decoder, arch: str) -> dict[str, Tensor]:
         groups.setdefault(link.theirs, []).append(link)
     state, out = model.state_dict(), {}
     for theirs, links in groups.items():
-        links.sort(key=lambda link: link.part or 0)
+        links.sort(key=lambda link: link.rows or (0, 0))
         parts = [state[link.ours] for link in links]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # GPT-2: c_attn = cat(q, k, v)
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # e.g. c_attn = cat(q, k, v)
         out[theirs] = (t.T if links[0].transpose else t).detach().cpu().contiguous()
     return out
 
@@ -602,15 +634,17 @@ def save_weights(tensors: dict[str, Tensor], out: Path,
 def write_hf_folder(model: Decoder, run_dir: Path, out: Path, *, bos_id: int | None,
                     eos_id: int | None, dtype: torch.dtype,
                     eos_ids: list[int] | None = None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, prefer: str | None = None,
+                    pad_id: int | None = None) -> str:
     """Write config.json, weights, generation and tokenizer files to ``out``; the architecture.
 
     ``eos_ids`` (every stop id, ``eos_id`` first) is written as a list when it has several;
-    weights beyond ``max_shard_bytes`` are split into shards with an index.
+    weights beyond ``max_shard_bytes`` are split into shards with an index; ``prefer`` is the
+    architecture the run came from (see ``export_architecture``), ``pad_id`` its padding id.
     """
     stops = list(dict.fromkeys([*([] if eos_id is None else [eos_id]), *(eos_ids or [])]))
     eos_value: int | list[int] | None = stops if len(stops) > 1 else eos_id
-    config = hf_config(model.cfg, bos_id, eos_value)
+    config = hf_config(model.cfg, bos_id, eos_value, prefer, pad_id)
     arch = config["architectures"][0]
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {k: t.to(dtype) for k, t in hf_state_dict(model, arch).items()}

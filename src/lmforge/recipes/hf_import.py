@@ -1,9 +1,9 @@
-"""Import a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2), a BERT (BertForMaskedLM,
+"""Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2), a BERT (BertForMaskedLM,
 BertForSequenceClassification) or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
-(when online), or a llama.cpp .gguf file (llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1
-and the other types the gguf package dequantizes). The run folder gets config.yaml (the model
+(when online), or a llama.cpp .gguf file (llama, qwen2, qwen3 or gpt2 architecture; F32, F16, BF16,
+Q8_0, Q4_0, Q4_1 and the other types the gguf package dequantizes). The run folder gets config.yaml (the model
 as a DecoderConfig, the source and its BOS/EOS ids), tokenizer.json (+ the chat template) and a
 step-0 checkpoint, so `lmforge generate --run` and `lmforge export` work on it. Only safetensors
 and GGUF weights are read: a pickle is never loaded.
@@ -94,7 +94,8 @@ def main(cfg: Config) -> int:
         bos_id, eos_id = (ids[0] if ids else None for ids in (bos_ids, eos_ids))
         # eos_id stays the first for older readers; eos_ids holds every id that ends a text.
         record = {"source": cfg.src, "architecture": arch, "bos_id": bos_id, "eos_id": eos_id,
-                  "eos_ids": eos_ids, "model": to_dict(model.cfg)}
+                  "eos_ids": eos_ids, "gguf_metadata": _kept_metadata(cfg.src, hf),
+                  "model": to_dict(model.cfg)}
         _write_run(tmp, record, model, cfg.src, arch, folder)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     Console(highlight=False).print(
@@ -105,6 +106,16 @@ def main(cfg: Config) -> int:
         markup=False, soft_wrap=True,
     )
     return 0
+
+
+def _kept_metadata(src: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """What an export writes back, as GGUF keys (as a GGUF import keeps them): the model's
+    name (the folder's or Hub name's last part) and its pad id."""
+    kept: dict[str, Any] = {"general.name": Path(src.rstrip("/")).name}
+    pad = hf.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        kept["tokenizer.ggml.padding_token_id"] = pad
+    return kept
 
 
 def _copy_checked_tokenizer(folder: Path, tmp: Path, vocab_size: int) -> Any:
@@ -174,9 +185,13 @@ def import_gguf(cfg: Config, path: Path, out: Path) -> int:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE))
         _write_tokenizer_side_files(tmp, tok, bos_id, eos_id, template, model.cfg.block_size)
-        record = {"source": cfg.src, "format": "gguf", "architecture": gguf.ARCH,
+        # gguf_metadata: the file's name, license, languages, pad/unk ids..., which a GGUF
+        # re-export writes back.
+        record = {"source": cfg.src, "format": "gguf", "architecture": f.arch,
                   "gguf_types": dict(sorted(f.types.items())), "bos_id": bos_id,
-                  "eos_id": eos_id, "model": to_dict(model.cfg)}
+                  "eos_id": eos_id, "eos_ids": gguf.stop_ids(f),
+                  "gguf_metadata": f.kept_metadata(),
+                  "model": to_dict(model.cfg)}
         (tmp / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
         save_checkpoint(tmp, TrainState(), model, None,
                         info={"source": cfg.src, "format": "gguf", "file": str(path)})

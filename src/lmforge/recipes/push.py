@@ -50,6 +50,9 @@ class Config(ExportConfig):
         if not self.out:
             self.out = f"exports/{self.repo.split('/')[1]}-{self.format}"
         super().__post_init__()
+        if self.single_file:
+            raise ConfigError(f"out: push uploads a folder (the file and its model card); "
+                              f"use e.g. --out {Path(self.out).with_suffix('')}")
 
 
 def list_files(folder: Path) -> list[tuple[str, int]]:
