@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.sampling import check_sampling_args, sample
+from lmforge.infer.sampling import SamplingParams, sample
 from lmforge.models.decoder import Decoder, KVCache
 
 
@@ -32,19 +32,10 @@ def decode_step(model: Decoder, token: Tensor, cache: KVCache) -> Tensor:
     return model(token[:, None], cache)[:, -1]  # (B, 1) in -> (B, V) out
 
 
-def _stream(
-    model: Decoder,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
-) -> Generator[Tensor, None, None]:
-    """Yield the next token of every row (B,) until max_new_tokens or the context is full."""
-    check_sampling_args(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+def _stream(model: Decoder, prompts: list[list[int]],
+            params: SamplingParams) -> Generator[Tensor, None, None]:
+    """Yield the next token of every row (B,) until max_tokens or the context is full."""
+    params.check()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("prompt: empty; give at least one token id (e.g. the tokenizer's BOS)")
     if len({len(p) for p in prompts}) != 1:
@@ -53,23 +44,39 @@ def _stream(
         # Dropout in train mode would silently corrupt sampling; we do not flip the caller's
         # module state behind its back.
         raise ValueError("call model.eval() before generating")
+    max_new_tokens = params.max_tokens
     if max_new_tokens == 0:
         return
     block = model.cfg.block_size
     keep = max(1, block + 1 - max_new_tokens)
     device = model.tok_emb.weight.device
-    idx = torch.tensor([p[-keep:] for p in prompts], dtype=torch.long, device=device)  # (B, T)
+    fitted = [p[-keep:] for p in prompts]
+    idx = torch.tensor(fitted, dtype=torch.long, device=device)  # (B, T)
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    outputs: list[list[int]] = [[] for _ in prompts]  # the history penalties look at
     cache = model.new_cache(idx.shape[0], min(block, idx.shape[1] + max_new_tokens - 1))
     logits = prefill(model, idx, cache)  # (B, V)
     for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits, params, generator, fitted, outputs)  # (B,)
         yield token
         if step == max_new_tokens - 1 or cache.length == cache.max_len:
             return
+        if params.penalized:
+            for out, tok in zip(outputs, token.tolist()):
+                out.append(tok)
         logits = decode_step(model, token, cache)
+
+
+def _params(params: SamplingParams | None, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int | None) -> SamplingParams:
+    if params is not None:
+        return params
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed)
 
 
 def stop_set(eos_id: int | Collection[int] | None) -> frozenset[int]:
@@ -92,15 +99,18 @@ def generate(
     top_p: float | None = None,
     eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
+    params: SamplingParams | None = None,
 ) -> Generator[int, None, str]:
     """Stream up to ``max_new_tokens`` token ids continuing ``prompt_ids``.
 
     Stops at ``eos_id`` (or any of several) without yielding it. The generator's return value (``yield from``
     or StopIteration.value) is the finish reason: "stop" (eos) or "length" (max_new_tokens
     or context full). ``seed`` makes sampling reproducible; temperature 0 is greedy.
+    ``params`` (min-p, penalties, ...) replaces the sampling arguments before it.
     """
     stops = stop_set(eos_id)
-    for token in _stream(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed):
+    params = _params(params, max_new_tokens, temperature, top_k, top_p, seed)
+    for token in _stream(model, [prompt_ids], params):
         tok = int(token.item())
         if tok in stops:
             return "stop"
@@ -118,6 +128,7 @@ def generate_batch(
     top_p: float | None = None,
     eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
+    params: SamplingParams | None = None,
 ) -> list[list[int]]:
     """Continuations of equal-length ``prompts``, each cut before its first ``eos_id``.
 
@@ -127,7 +138,8 @@ def generate_batch(
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     stops = stop_set(eos_id)
-    for token in _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+    params = _params(params, max_new_tokens, temperature, top_k, top_p, seed)
+    for token in _stream(model, prompts, params):
         for row, tok in enumerate(token.tolist()):
             if done[row]:
                 continue
