@@ -8,7 +8,7 @@ from rich.console import Console
 
 from lmforge.config import ConfigError
 from lmforge.infer.text import stream_text
-from lmforge.run import load_model
+from lmforge.run import Placement, load_model
 
 EXAMPLES = """
 lmforge generate --run runs/shakespeare --prompt "ROMEO."
@@ -18,7 +18,7 @@ lmforge generate --run runs/shakespeare/checkpoints/step_00000400 --top_p 0.9 --
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge generate`."""
 
     run: str = "runs/shakespeare"
@@ -52,7 +52,7 @@ class Config:
 def main(cfg: Config) -> int:
     """Load the model and stream a continuation of the prompt."""
     console = Console(highlight=False)
-    loaded = load_model(cfg.run)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
     console.print(cfg.prompt, end="", style="bold", markup=False)
     stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,

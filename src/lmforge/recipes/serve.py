@@ -21,7 +21,7 @@ from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import ChatTemplate, load_chat_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.quant import quantize
-from lmforge.run import LoadedModel, load_model
+from lmforge.run import LoadedModel, Placement, load_model
 
 EXAMPLES = """
 lmforge serve --run runs/shakespeare
@@ -33,7 +33,7 @@ _WINDOWS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge serve`."""
 
     run: str = "runs/shakespeare"
@@ -58,8 +58,6 @@ class Config:
     """Chat template: chatml or a .jinja file; null = the run folder's own (chat is refused without one)."""
     quant: Literal["none", "int8", "int8-dynamic", "int4"] = "none"
     """Quantize the linear layers' weights (CPU only); see lmforge.infer.quant."""
-    device: str = "cpu"
-    """Device to run the model on (cpu, cuda, cuda:1, ...)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -113,7 +111,7 @@ def main(cfg: Config) -> int:
                         "pip install 'lmforge[serve]'") from None
     keys = tuple(cfg.api_key) or tuple(k for k in [os.environ.get("LMFORGE_API_KEY")] if k)
     _check_port(cfg.host, cfg.port)
-    loaded = load_model(cfg.run, device=cfg.device)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
     if cfg.quant != "none":
         quantize(loaded.model, cfg.quant)
     template = chat_template(loaded, cfg.template)
