@@ -378,3 +378,13 @@ def test_embed_pools_each_text_alone_whatever_the_padding(bert: EncoderLM) -> No
     for method in (bert.classify, bert.generate):
         with pytest.raises(UserError):
             method("x")
+
+
+def test_kv_cache_grows_as_requests_need_and_results_do_not_change() -> None:
+    model = model_for(block_size=600)
+    engine = engine_for(model)
+    assert engine.cache.capacity == 256 and engine.context == 600  # not 3 x 600 up front
+    prompt = [(7 * i) % VOCAB for i in range(250)]
+    got = engine.submit(prompt, SamplingParams(max_tokens=20, temperature=0.0)).result()
+    assert engine.cache.capacity == 512  # doubled once, when the request passed 256 positions
+    assert got.token_ids == alone(model, prompt, 20, temperature=0.0)

@@ -1,4 +1,4 @@
-"""Continuous batching: many generation requests share one model and one preallocated KV cache.
+"""Continuous batching: many generation requests share one model and one KV cache.
 
 The engine owns ``max_batch`` slots, the rows of a ``RowKVCache``. One ``step()``:
 
@@ -38,6 +38,7 @@ from lmforge.infer.sampling import InvalidRequest, SamplingParams, sample
 from lmforge.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
+INITIAL_POSITIONS = 256  # KV positions per slot allocated at the start; more as requests need
 
 
 class QueueFull(Exception):
@@ -195,8 +196,10 @@ class _Seq:
 class Engine:
     """A continuous-batching scheduler over ``max_batch`` slots of one preallocated KV cache.
 
-    Each slot holds ``max_len`` positions (prompt + answer; default the model's block_size):
-    the cache takes max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values.
+    Each slot holds up to ``max_len`` positions (prompt + answer; default the model's
+    block_size): at most max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values, of
+    which ``INITIAL_POSITIONS`` per slot are allocated at the start and the rest as the longest
+    running request needs them (doubling).
     """
 
     def __init__(self, model: Decoder, decode: Callable[[list[int]], str], *,
@@ -212,7 +215,8 @@ class Engine:
         self.stop_ids = frozenset(stop_ids)  # the model's other EOS ids (Llama 3 has several)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_emb.weight.device
-        self.cache = model.new_row_cache(max_batch, max_len)
+        # Positions grow on demand (doubling): no batch x context preallocation up front.
+        self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS)
         self.context = self.cache.max_len  # positions a request may use
         self._queue: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index = cache row; touched only by the stepping thread
@@ -338,10 +342,11 @@ class Engine:
                     break
                 seq = self._queue.popleft()
             row = len(self._running)
+            self.cache.grow(len(seq.prompt))
             self.cache.lengths[row] = 0
             self._running.append(seq)
             idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.model(idx, self.cache.rows(row, row + 1))[:, -1]  # (1, V)
+            logits = self.model(idx, self.cache.rows(row, row + 1), last=True)[:, -1]  # (1, V)
             self._accept(seq, self._choose(logits, [seq])[0])
         self._release()
 
@@ -349,6 +354,7 @@ class Engine:
         if not self._running:
             return
         n = len(self._running)
+        self.cache.grow(max(len(s.prompt) + len(s.output) for s in self._running))
         idx = torch.tensor([[s.next_token] for s in self._running], device=self.device)  # (B, 1)
         logits = self.model(idx, self.cache.rows(0, n))[:, -1]  # (B, V)
         for seq, token in zip(self._running, self._choose(logits, self._running)):

@@ -119,6 +119,7 @@ def main(cfg: Config) -> int:
                     stop_ids=loaded.eos_ids,
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len)
     kv_bytes = (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size()
+    kv_bytes = kv_bytes // engine.cache.capacity * engine.cache.max_len  # once it has grown
     limit, window = parse_rate(cfg.rate_limit) if cfg.rate_limit else (None, 60.0)
     name = cfg.model_name or loaded.run_dir.name
     state = State(engine, loaded.tokenizer, template,
@@ -127,7 +128,7 @@ def main(cfg: Config) -> int:
     chat = "chat: " + (template.origin if template else "off (no template; --template chatml)")
     print(f"lmforge serve: {name} (step {loaded.step}) at http://{cfg.host}:{cfg.port}/v1  "
           f"[max_batch {cfg.max_batch} x {engine.context} positions (KV cache "
-          f"{kv_bytes / 2**20:,.0f} MiB), max_queue {cfg.max_queue}, {chat}, "
+          f"up to {kv_bytes / 2**20:,.0f} MiB, grown on demand), max_queue {cfg.max_queue}, {chat}, "
           f"api key {'required' if keys else 'off'}]", flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"lmforge serve: warning: {cfg.host} is reachable from the network and no "
