@@ -102,3 +102,28 @@ def test_inference_commands_run_in_the_dtype_asked_for(tiny_run: Path,
     generate.main(generate.Config(run=str(tiny_run), prompt="The", max_new_tokens=4,
                                   greedy=True, dtype="bf16", device="cpu"))
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_generate_with_a_draft_run_prints_the_greedy_text(tiny_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from lmforge.recipes import generate
+
+    def text(**kw: object) -> str:
+        generate.main(generate.Config(run=str(tiny_run), prompt="The", max_new_tokens=12,
+                                      greedy=True, device="cpu", **kw))  # type: ignore[arg-type]
+        return capsys.readouterr().out
+
+    plain = text()
+    other = _default_init_run(tiny_run, tmp_path)  # same tokenizer, another model
+    assert text(draft=str(other)) == plain  # speculative decoding keeps the greedy text
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_run, foreign)
+    tok = Tokenizer.from_file(str(foreign / "tokenizer.json"))
+    tok.add_special_tokens(["<|another|>"])
+    tok.save(str(foreign / "tokenizer.json"))
+    with pytest.raises(UserError, match="^draft: .*tokenizer"):
+        text(draft=str(foreign))

@@ -19,13 +19,14 @@ and are refused here.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
+from lmforge.infer.generate import stop_set
 from lmforge.infer.sampling import SamplingParams, probabilities, sample
 from lmforge.models.decoder import Decoder, KVCache
 
@@ -68,7 +69,7 @@ def speculative_generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
     stats: SpecStats | None = None,
     params: SamplingParams | None = None,
@@ -87,6 +88,7 @@ def speculative_generate(
         raise ConfigError("repetition_penalty: penalties are not supported with a draft model; "
                           "leave them at their defaults")
     max_new_tokens, seed = params.max_tokens, params.seed
+    stops = stop_set(eos_id)
     _check(target, draft, k, max_new_tokens)
     if not prompt_ids:
         raise UserError("prompt: empty; give at least one token id (e.g. the tokenizer's BOS)")
@@ -107,7 +109,7 @@ def speculative_generate(
         tcache.length = len(seq) + kept  # roll back to the kept tokens
         dcache.length = min(dcache.length, len(seq) + kept)
         for token in [*drafts[:kept], extra]:
-            if token == eos_id:
+            if token in stops:
                 return "stop"
             yield token
             produced += 1

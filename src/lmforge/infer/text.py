@@ -7,6 +7,7 @@ from typing import Any, Protocol
 from rich.console import Console
 
 from lmforge.infer.generate import generate
+from lmforge.infer.speculative import speculative_generate
 from lmforge.models.decoder import Decoder
 
 
@@ -20,8 +21,12 @@ class HasDecoder(Protocol):
 
 def stream_text(loaded: HasDecoder, prompt: str, console: Console | None, *,
                 max_new_tokens: int, temperature: float, top_k: int | None,
-                top_p: float | None, seed: int | None, eos_id: int | None) -> str:
-    """Generate from ``prompt``; print text as it is made (if a console is given); return it."""
+                top_p: float | None, seed: int | None, eos_id: int | None,
+                compile: bool = False, draft: Decoder | None = None) -> str:
+    """Generate from ``prompt``; print text as it is made (if a console is given); return it.
+
+    With a ``draft`` model (same tokenizer) the tokens come from speculative decoding.
+    """
     tok = loaded.tokenizer
     ids = tok.encode(prompt).ids if prompt else []
     if not ids and eos_id is not None:
@@ -29,8 +34,14 @@ def stream_text(loaded: HasDecoder, prompt: str, console: Console | None, *,
     out_ids: list[int] = []
     shown = ""
     stops = {*loaded.eos_ids, *([] if eos_id is None else [eos_id])}  # any of them ends it
-    for token in generate(loaded.model, ids, max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_id=stops, seed=seed):
+    if draft is None:
+        tokens = generate(loaded.model, ids, max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, eos_id=stops, seed=seed, compile=compile)
+    else:
+        tokens = speculative_generate(loaded.model, draft, ids, max_new_tokens,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      eos_id=stops, seed=seed)
+    for token in tokens:
         out_ids.append(token)
         text = tok.decode(out_ids)
         # A byte-level BPE token can end mid-character; wait for the rest of it.
