@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lmforge.config import UserError
 from lmforge.infer.sampling import InvalidRequest, SamplingParams, sample
+from lmforge.infer.text import TextStream
 from lmforge.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -80,45 +81,6 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-# --------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """Incremental detokenization with stop strings: ``push`` returns only text that is final.
-
-    Text is held back while it ends in an incomplete UTF-8 character (byte-level BPE decodes
-    half a character as U+FFFD) or in the beginning of a stop string, so a client never
-    receives text that has to be taken back.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
-        self.decode, self.stop = decode, stop
-        self.text = ""  # everything sent so far
-
-    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """(new final text, whether a stop string ended it) for all generated ``ids``."""
-        full = self.decode(ids)
-        if not full.startswith(self.text):  # a tokenizer that rewrites earlier text: keep ours
-            full = self.text + full[len(self.text):]
-        hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]
-        if hits:
-            return self._send(full[: min(hits)]), True
-        end = len(full)
-        if not final:
-            end = len(full.rstrip("\ufffd"))
-            end -= self._partial_stop(full[:end])
-        return self._send(full[: max(end, len(self.text))]), False
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins some stop string."""
-        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-
-    def _send(self, upto: str) -> str:
-        delta, self.text = upto[len(self.text):], upto
-        return delta
 
 
 # --------------------------------------------------------------------------- requests
