@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.chat import ChatTemplate, load_chat_template
+from lmforge.infer.chat import ChatTemplate, resolve_chat_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.quant import quantize
 from lmforge.run import LoadedModel, Placement, load_model
@@ -84,12 +84,7 @@ def parse_rate(text: str) -> tuple[int, float]:
 def chat_template(loaded: LoadedModel, name: str | None) -> ChatTemplate | None:
     """The template to serve chat with, or None when the run has none and none was named."""
     eos = loaded.tokenizer.id_to_token(loaded.eos_id) if loaded.eos_id is not None else ""
-    try:
-        return load_chat_template(loaded.run_dir, name, eos or "")
-    except UserError:
-        if name is not None:
-            raise
-        return None
+    return resolve_chat_template(loaded.run_dir, name, eos or "", None)
 
 
 def _check_port(host: str, port: int) -> None:
