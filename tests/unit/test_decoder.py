@@ -96,6 +96,59 @@ def test_kv_cache_multi_token_chunks_match_full_forward(name: str) -> None:
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-gqa", "sinusoidal-mha", "mistral"])
+def test_static_cache_at_explicit_positions_matches_full_forward(name: str) -> None:
+    """gpt-fast's path: prefill at input_pos 0..8 (head on the last position only), then one
+    token per step at input_pos p, the cache never told its length."""
+    model = build(VARIANTS[name])
+    idx = torch.randint(0, 67, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(batch=2, max_len=24)
+        first = model(idx[:, :9], cache, input_pos=torch.arange(9), last=True)  # (2, 1, V)
+        steps = [model(idx[:, p : p + 1], cache, input_pos=torch.tensor([p]))
+                 for p in range(9, 24)]
+    assert first.shape == (2, 1, 67) and cache.length == 0
+    torch.testing.assert_close(first, full[:, 8:9], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rope-gqa", "mistral"])
+def test_bf16_static_cache_decode_matches_bf16_full_forward(name: str) -> None:
+    model = build(VARIANTS[name]).to(torch.bfloat16)
+    idx = torch.randint(0, 67, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx).float()
+        cache = model.new_cache(batch=2)
+        assert cache.k.dtype == torch.bfloat16  # the cache is kept in the model's dtype
+        steps = [model(idx[:, :6], cache, input_pos=torch.arange(6))]
+        steps += [model(idx[:, p : p + 1], cache, input_pos=torch.tensor([p]))
+                  for p in range(6, 20)]
+    got = torch.cat(steps, dim=1).float()
+    # Same bf16 weights, different summation order (one key vs many): a few bf16 ulps apart.
+    scale = full.abs().max()
+    assert (got - full).abs().max() <= 0.02 * scale
+    assert bool((got.argmax(-1) == full.argmax(-1)).float().mean() >= 0.95)
+
+
+def test_row_cache_grows_on_demand_and_keeps_what_it_held() -> None:
+    model = build(VARIANTS["rope-gqa"])
+    idx = torch.randint(0, 67, (2, 20), generator=torch.Generator().manual_seed(6))
+    cache = model.new_row_cache(2, reserve=4)
+    assert cache.capacity == 4 and cache.max_len == model.cfg.block_size
+    with torch.no_grad():
+        full = model(idx)
+        cache.grow(6)
+        steps = [model(idx[:, :6], cache)]
+        for p in range(6, 20):
+            cache.grow(p + 1)
+            steps.append(model(idx[:, p : p + 1], cache))
+    assert cache.capacity == 32  # 4 -> 8 -> 16 -> 32, doubling
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.grow(model.cfg.block_size + 1)
+
+
 def test_sliding_window_hides_exactly_the_keys_outside_it() -> None:
     # Query i sees keys i-w+1 .. i (w = 5): changing token t moves logits t .. t+w-1 only.
     model = build(VARIANTS["mistral"]).eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.config import UserError
-from lmforge.infer.generate import generate, generate_batch
+from lmforge.infer.generate import DecodeStep, generate, generate_batch
 from lmforge.models.decoder import Decoder, DecoderConfig, KVCache
 
 
@@ -133,3 +133,41 @@ def test_generate_batch_equals_single_generation() -> None:
     assert cut == [s[: s.index(eos)] if eos in s else s for s in singles]
     with pytest.raises(UserError, match="same length"):
         generate_batch(model, [[1, 2], [3]], 2)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    model = model_for(n_kv_head=2)
+    eager = list(generate(model, [5, 17, 3], 8, temperature=0.0))
+
+    def broken(*args: object, **kw: object) -> object:
+        def fail(*a: object, **k: object) -> object:
+            raise RuntimeError("backend exploded\nlong traceback")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="lmforge.infer.generate"):
+        got = list(generate(model, [5, 17, 3], 8, temperature=0.0, compile=True))
+    assert got == eager
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "backend exploded" in warned[0] and "eagerly" in warned[0]
+    assert "long traceback" not in warned[0]
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens() -> None:
+    """torch.compile of the decode step (inductor, a C++ compiler on CPU): same greedy tokens
+    as eager, and the step really ran compiled (no silent fallback)."""
+    model = model_for(n_kv_head=2)
+    prompt = [5, 17, 3, 40]
+    eager = list(generate(model, prompt, 10, temperature=0.0))
+    cache = model.new_cache(1, 16)
+    step = DecodeStep(model, compile=True)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache, input_pos=torch.arange(4), last=True)
+        got, pos = [], torch.tensor([4])
+        for _ in range(10):
+            got.append(int(logits[0, -1].argmax()))
+            logits = step(torch.tensor([[got[-1]]]), cache, pos)[:, None]
+            pos += 1
+    assert step.compiled and got == eager

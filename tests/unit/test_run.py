@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from lmforge.checkpoint import TrainState, save_checkpoint
-from lmforge.config import UserError, to_dict
+from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.run import load_model, load_run, read_run_spec
+from lmforge.run import load_model, load_run, read_run_spec, resolve_placement
 from tests.serve import make_tiny_run
 
 
@@ -73,3 +73,57 @@ def test_bad_configs_are_one_line(tiny_run: Path, tmp_path: Path) -> None:
         (run / "config.yaml").write_text(yaml.safe_dump(config))
         with pytest.raises(UserError, match=needle):
             load_run(run)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answers")
+def test_placement_auto_is_cpu_fp32_without_a_gpu_and_bad_values_name_the_option() -> None:
+    assert resolve_placement("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_placement("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_placement("cpu", "fp16")[1] == torch.float16
+    for device, dtype, option in (("gpu", "auto", "device"), ("cuda", "auto", "device"),
+                                  ("cuda:0", "fp32", "device"), ("cpu", "int8", "dtype")):
+        with pytest.raises(ConfigError, match=f"^{option}:"):
+            resolve_placement(device, dtype)
+
+
+def test_inference_commands_run_in_the_dtype_asked_for(tiny_run: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    import lmforge
+    from lmforge.api import LM
+    from lmforge.recipes import chat, eval, generate, serve
+
+    for recipe in (generate, chat, serve, eval):  # one pair of options, from one dataclass
+        fields = recipe.Config.__dataclass_fields__
+        assert fields["device"].default == "auto" and fields["dtype"].default == "auto"
+    lm = lmforge.load(tiny_run, dtype="bf16")
+    assert isinstance(lm, LM) and lm.model.lm_head.weight.dtype == torch.bfloat16
+    assert lm.engine.cache.k.dtype == torch.bfloat16  # the KV cache in the model's dtype
+    assert isinstance(lm.generate("The", max_new_tokens=4, temperature=0), str)
+    generate.main(generate.Config(run=str(tiny_run), prompt="The", max_new_tokens=4,
+                                  greedy=True, dtype="bf16", device="cpu"))
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_generate_with_a_draft_run_prints_the_greedy_text(tiny_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from lmforge.recipes import generate
+
+    def text(**kw: object) -> str:
+        generate.main(generate.Config(run=str(tiny_run), prompt="The", max_new_tokens=12,
+                                      greedy=True, device="cpu", **kw))  # type: ignore[arg-type]
+        return capsys.readouterr().out
+
+    plain = text()
+    other = _default_init_run(tiny_run, tmp_path)  # same tokenizer, another model
+    assert text(draft=str(other)) == plain  # speculative decoding keeps the greedy text
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_run, foreign)
+    tok = Tokenizer.from_file(str(foreign / "tokenizer.json"))
+    tok.add_special_tokens(["<|another|>"])
+    tok.save(str(foreign / "tokenizer.json"))
+    with pytest.raises(UserError, match="^draft: .*tokenizer"):
+        text(draft=str(foreign))

@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.infer.sampling import sample, top_p_filter
+from lmforge.infer.sampling import SamplingParams, min_p_filter, penalize, sample, top_p_filter
 
 
 def draws(logits: torch.Tensor, n: int, seed: int = 0, **kw: object) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([sample(logits, generator=g, **kw) for _ in range(n)])  # (n, B)
+    params = SamplingParams(**kw)  # type: ignore[arg-type]
+    return torch.stack([sample(logits, params, g) for _ in range(n)])  # (n, B)
 
 
 def test_temperature_zero_is_argmax() -> None:
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0.0)), logits.argmax(-1))
 
 
 def test_top_k_one_is_argmax_whatever_the_seed() -> None:
@@ -88,13 +89,49 @@ def test_same_seed_same_samples() -> None:
         ({"top_k": 0}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ],
 )
 def test_bad_arguments_name_the_field(kw: dict[str, float], field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}:"):
-        sample(torch.zeros(1, 4), **kw)
+        SamplingParams(**kw).check()  # type: ignore[arg-type]
 
 
 def test_logits_must_be_2d() -> None:
     with pytest.raises(ValueError, match="B, V"):
-        sample(torch.zeros(1, 2, 4))
+        sample(torch.zeros(1, 2, 4), SamplingParams())
+
+
+def test_min_p_keeps_tokens_near_the_top() -> None:
+    logits = torch.tensor([[0.0, -0.5, -3.0, -10.0]]).log_softmax(-1)
+    kept = min_p_filter(logits, 0.5).isfinite().tolist()
+    assert kept == [[True, True, False, False]]  # exp(-0.5) = 0.61 >= 0.5 > exp(-3)
+    assert set(draws(logits, 300, min_p=0.5).flatten().tolist()) == {0, 1}
+
+
+def test_penalties_follow_ctrl_and_openai_rules_per_row() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    out = penalize(logits, SamplingParams(repetition_penalty=2.0), [[0], [3]], [[1], []])
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, -1.0, 0.5, 1.5]]))
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = penalize(logits[:1], params, [[3]], [[2, 2, 0]])
+    torch.testing.assert_close(out, torch.tensor([[1.25, -1.0, -0.5, 3.0]]))
+    # Greedy picks from the penalized logits: token 3 (seen in the prompt) loses to token 0.
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits[:1], params, None, [[3]], [[]]).tolist() == [0]
+    with pytest.raises(ValueError, match="penalties need"):
+        sample(logits, params)
+
+
+def test_penalties_match_transformers_processors() -> None:
+    """The repetition penalty equals transformers' RepetitionPenaltyLogitsProcessor."""
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(7)
+    logits, history = torch.randn(2, 30, generator=g), torch.randint(0, 30, (2, 6), generator=g)
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.7)(history, logits.clone())
+    rows = history.tolist()
+    got = penalize(logits, SamplingParams(repetition_penalty=1.7), rows, [[] for _ in rows])
+    torch.testing.assert_close(got, ref)

@@ -10,7 +10,8 @@ import torch
 
 from lmforge.config import UserError
 from lmforge.infer.generate import generate
-from lmforge.infer.speculative import SpecStats, probabilities, speculative_generate
+from lmforge.infer.sampling import SamplingParams, probabilities
+from lmforge.infer.speculative import SpecStats, speculative_generate
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 
@@ -85,7 +86,8 @@ def joint(model: Decoder, prompt: list[int], temperature: float,
     out = {}
     for seq in itertools.product(range(VOCAB), repeat=STEPS):
         ids = torch.tensor([prompt + list(seq)])
-        probs = probabilities(model(ids)[0, len(prompt) - 1 : -1], temperature, top_k, None)
+        params = SamplingParams(temperature=temperature, top_k=top_k)
+        probs = probabilities(model(ids)[0, len(prompt) - 1 : -1], params)
         out[seq] = math.prod(float(probs[i, t]) for i, t in enumerate(seq))
     return out
 

@@ -19,7 +19,9 @@ def lm_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, T, V)
         loss = nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"

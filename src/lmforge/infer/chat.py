@@ -129,6 +129,21 @@ def _environment() -> Any:
 # --------------------------------------------------------------------------- finding one
 
 
+class NoChatTemplate(UserError):
+    """The run folder has no chat template and none was named."""
+
+
+def resolve_chat_template(run_dir: Path, name: str | None, eos_token: str,
+                          fallback: str | None) -> ChatTemplate | None:
+    """The one resolver: the template ``name``, else the run's own, else the built-in
+    ``fallback`` (fine-tuning, eval: chatml), else None (serve: chat off). A broken template
+    file is an error whatever the fallback: it is the user's to fix, not to paper over."""
+    try:
+        return load_chat_template(run_dir, name, eos_token)
+    except NoChatTemplate:
+        return None if fallback is None else load_chat_template(run_dir, fallback, eos_token)
+
+
 def load_chat_template(run_dir: Path, name: str | None = None,
                        eos_token: str = "") -> ChatTemplate:
     """The template ``name`` (a built-in or a .jinja file), else the run folder's own.
@@ -151,7 +166,7 @@ def load_chat_template(run_dir: Path, name: str | None = None,
         return _from_text(path.read_text(encoding="utf-8"), str(path), bos, eos)
     source = _from_tokenizer_config(side.get("chat_template"), run_dir / TOKENIZER_CONFIG)
     if source is None:
-        raise UserError(f"{run_dir}: has no chat template ({TEMPLATE_FILE} or chat_template in "
+        raise NoChatTemplate(f"{run_dir}: has no chat template ({TEMPLATE_FILE} or chat_template in "
                         f"{TOKENIZER_CONFIG}); pass --template chatml or a .jinja file")
     return _from_text(source, str(run_dir / TOKENIZER_CONFIG), bos, eos)
 
@@ -239,12 +254,8 @@ def chat_setup(run_dir: Path, name: str | None, tok: Any,
     ``lmforge eval`` all render chats through this, so they agree on the template.
     """
     eos = tok.id_to_token(eos_id) if eos_id is not None else ""
-    try:
-        template = load_chat_template(run_dir, name, eos or "")
-    except UserError as e:
-        if name or "has no chat template" not in str(e):
-            raise  # a broken template file is the user's to fix, not to paper over
-        template = load_chat_template(run_dir, "chatml", eos or "")
+    template = resolve_chat_template(run_dir, name, eos or "", "chatml")
+    assert template is not None  # there is a fallback
     # template.stop comes with any template (a probe exchange is rendered through it)
     end_of_turn = template.stop[0] if template.stop else template.eos_token
     if not end_of_turn:

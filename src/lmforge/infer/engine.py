@@ -1,4 +1,4 @@
-"""Continuous batching: many generation requests share one model and one preallocated KV cache.
+"""Continuous batching: many generation requests share one model and one KV cache.
 
 The engine owns ``max_batch`` slots, the rows of a ``RowKVCache``. One ``step()``:
 
@@ -34,81 +34,25 @@ import torch
 from torch import Tensor
 
 from lmforge.config import UserError
-from lmforge.infer.sampling import top_k_filter, top_p_filter
+from lmforge.infer.sampling import InvalidRequest, SamplingParams, sample
+from lmforge.infer.text import TextStream
 from lmforge.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
-
-MAX_STOP = 4  # stop strings per request, as in the OpenAI API
-MAX_STOP_CHARS = 256  # each is matched against the text after every token: keep that cheap
-
-
-class InvalidRequest(UserError):
-    """A request the engine refuses: ``param`` names the field at fault (OpenAI's error body)."""
-
-    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
-        super().__init__(f"{param}: {message}")
-        self.param, self.code = param, code
+INITIAL_POSITIONS = 256  # KV positions per slot allocated at the start; more as requests need
 
 
 class QueueFull(Exception):
     """The waiting queue is at ``max_queue``; the caller should retry later (HTTP 429)."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops. Ranges follow the OpenAI API."""
-
-    max_tokens: int = 16
-    """Most new tokens; prompt + max_tokens must fit in the model's context."""
-    temperature: float = 1.0
-    """0 is greedy; otherwise logits are divided by it (0..2)."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens; None disables."""
-    top_p: float | None = None
-    """Nucleus: the smallest set of tokens whose probability reaches p, in (0, 1]."""
-    min_p: float | None = None
-    """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
-    repetition_penalty: float = 1.0
-    """CTRL's penalty (Keskar et al. 2019) on every token seen so far, prompt included; 1 = off."""
-    presence_penalty: float = 0.0
-    """OpenAI's: subtracted once from the logit of each token already generated (-2..2)."""
-    frequency_penalty: float = 0.0
-    """OpenAI's: subtracted per earlier occurrence of a generated token (-2..2)."""
-    seed: int | None = None
-    """Seed of this request's own generator: the same seed gives the same text."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the text (not included in it)."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Token ids that end the text besides EOS (e.g. a chat template's end of turn)."""
-
-    def check(self) -> None:
-        """Raise InvalidRequest naming the first bad field."""
-        ranges = (("temperature", self.temperature, 0.0, 2.0),
-                  ("top_p", self.top_p, 0.0, 1.0), ("min_p", self.min_p, 0.0, 1.0),
-                  ("presence_penalty", self.presence_penalty, -2.0, 2.0),
-                  ("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
-        for name, value, lo, hi in ranges:
-            if value is not None and not lo <= value <= hi:  # also rejects NaN
-                raise InvalidRequest(name, f"must be between {lo:g} and {hi:g}, got {value}")
-        if self.top_p is not None and self.top_p == 0.0:
-            raise InvalidRequest("top_p", "must be greater than 0 (1 keeps every token)")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            raise InvalidRequest("repetition_penalty",
-                                 f"must be in (0, 10] (1 = off), got {self.repetition_penalty}")
-        if self.max_tokens < 1:
-            raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InvalidRequest("top_k", f"must be at least 1 or null, got {self.top_k}")
-        if len(self.stop) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
-            raise InvalidRequest("stop", f"give at most {MAX_STOP} non-empty strings of at most "
-                                 f"{MAX_STOP_CHARS} characters")
-
-    @property
-    def penalized(self) -> bool:
-        """Whether the logits depend on the tokens seen so far."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
+def check_request(params: SamplingParams) -> None:
+    """``params.check()`` and the OpenAI API's narrower limits: temperature <= 2, a token."""
+    params.check()
+    if params.temperature > 2.0:
+        raise InvalidRequest("temperature", f"must be between 0 and 2, got {params.temperature}")
+    if params.max_tokens < 1:
+        raise InvalidRequest("max_tokens", f"must be at least 1, got {params.max_tokens}")
 
 
 @dataclass
@@ -137,91 +81,6 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
-    """Keep tokens whose probability is at least ``min_p`` times the top one's (Nguyen et al. 2024)."""
-    probs = logits.softmax(dim=-1)  # (B, V)
-    keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(~keep, float("-inf"))
-
-
-def penalize(logits: Tensor, params: SamplingParams, prompt: list[int],
-             output: list[int]) -> Tensor:
-    """Apply the repetition (prompt + output) and presence/frequency (output) penalties to (1, V)."""
-    logits = logits.clone()
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device)
-        picked = logits[0, seen]
-        # CTRL / HF: shrink positive logits and push negative ones further down.
-        logits[0, seen] = torch.where(picked > 0, picked / params.repetition_penalty,
-                                      picked * params.repetition_penalty)
-    if output and (params.presence_penalty or params.frequency_penalty):
-        ids = torch.tensor(output, device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)[None]
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    return logits
-
-
-def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from (1, V) logits: greedy at temperature 0, else HF's order of warpers.
-
-    Mirrors ``sampling.sample`` step for step (same fp32 division, filters and multinomial
-    draw), so a seeded request draws the tokens ``generate`` would, plus min-p at the end.
-    """
-    if params.temperature == 0.0:
-        return int(logits.argmax(dim=-1))
-    logits = logits.float() / params.temperature
-    if params.top_k is not None:
-        logits = top_k_filter(logits, params.top_k)
-    if params.top_p is not None and params.top_p < 1.0:
-        logits = top_p_filter(logits, params.top_p)
-    if params.min_p:
-        logits = min_p_filter(logits, params.min_p)
-    probs = logits.softmax(dim=-1)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
-
-
-# --------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """Incremental detokenization with stop strings: ``push`` returns only text that is final.
-
-    Text is held back while it ends in an incomplete UTF-8 character (byte-level BPE decodes
-    half a character as U+FFFD) or in the beginning of a stop string, so a client never
-    receives text that has to be taken back.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
-        self.decode, self.stop = decode, stop
-        self.text = ""  # everything sent so far
-
-    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """(new final text, whether a stop string ended it) for all generated ``ids``."""
-        full = self.decode(ids)
-        if not full.startswith(self.text):  # a tokenizer that rewrites earlier text: keep ours
-            full = self.text + full[len(self.text):]
-        hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]
-        if hits:
-            return self._send(full[: min(hits)]), True
-        end = len(full)
-        if not final:
-            end = len(full.rstrip("\ufffd"))
-            end -= self._partial_stop(full[:end])
-        return self._send(full[: max(end, len(self.text))]), False
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins some stop string."""
-        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-
-    def _send(self, upto: str) -> str:
-        delta, self.text = upto[len(self.text):], upto
-        return delta
 
 
 # --------------------------------------------------------------------------- requests
@@ -299,8 +158,10 @@ class _Seq:
 class Engine:
     """A continuous-batching scheduler over ``max_batch`` slots of one preallocated KV cache.
 
-    Each slot holds ``max_len`` positions (prompt + answer; default the model's block_size):
-    the cache takes max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values.
+    Each slot holds up to ``max_len`` positions (prompt + answer; default the model's
+    block_size): at most max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values, of
+    which ``INITIAL_POSITIONS`` per slot are allocated at the start and the rest as the longest
+    running request needs them (doubling).
     """
 
     def __init__(self, model: Decoder, decode: Callable[[list[int]], str], *,
@@ -316,7 +177,8 @@ class Engine:
         self.stop_ids = frozenset(stop_ids)  # the model's other EOS ids (Llama 3 has several)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_emb.weight.device
-        self.cache = model.new_row_cache(max_batch, max_len)
+        # Positions grow on demand (doubling): no batch x context preallocation up front.
+        self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS)
         self.context = self.cache.max_len  # positions a request may use
         self._queue: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index = cache row; touched only by the stepping thread
@@ -345,7 +207,7 @@ class Engine:
                sink: Callable[[Event], None] | None = None,
                request_id: str | None = None) -> Handle:
         """Queue a request; raise InvalidRequest for bad input, QueueFull when the queue is full."""
-        params.check()
+        check_request(params)
         self.check_prompt(prompt_ids, params.max_tokens)
         handle = Handle(self, request_id or uuid.uuid4().hex, len(prompt_ids), sink)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -442,10 +304,11 @@ class Engine:
                     break
                 seq = self._queue.popleft()
             row = len(self._running)
+            self.cache.grow(len(seq.prompt))
             self.cache.lengths[row] = 0
             self._running.append(seq)
             idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.model(idx, self.cache.rows(row, row + 1))[:, -1]  # (1, V)
+            logits = self.model(idx, self.cache.rows(row, row + 1), last=True)[:, -1]  # (1, V)
             self._accept(seq, self._choose(logits, [seq])[0])
         self._release()
 
@@ -453,6 +316,7 @@ class Engine:
         if not self._running:
             return
         n = len(self._running)
+        self.cache.grow(max(len(s.prompt) + len(s.output) for s in self._running))
         idx = torch.tensor([[s.next_token] for s in self._running], device=self.device)  # (B, 1)
         logits = self.model(idx, self.cache.rows(0, n))[:, -1]  # (B, V)
         for seq, token in zip(self._running, self._choose(logits, self._running)):
@@ -468,10 +332,8 @@ class Engine:
             if p.temperature == 0.0 and not p.penalized:
                 tokens.append(greedy[row])
                 continue
-            row_logits = logits[row : row + 1]  # (1, V)
-            if p.penalized:
-                row_logits = penalize(row_logits, p, seq.prompt, seq.output)
-            tokens.append(sample_row(row_logits, p, seq.generator))
+            token = sample(logits[row : row + 1], p, seq.generator, [seq.prompt], [seq.output])
+            tokens.append(int(token))
         return tokens
 
     def _accept(self, seq: _Seq, token: int) -> None:

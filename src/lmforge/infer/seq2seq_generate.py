@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.sampling import check_sampling_args, sample
+from lmforge.infer.sampling import SamplingParams, sample
 from lmforge.models.seq2seq import Seq2Seq
 
 
@@ -73,9 +73,11 @@ def generate_seq2seq(
     ``max_new_tokens`` (and block_size) tokens per row. Temperature 0 is greedy; ``seed``
     makes sampling reproducible.
     """
-    check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed)
+    params.check()
     if model.training:
         raise ValueError("call model.eval() before generating")
     device = model.lm_head.weight.device
@@ -87,7 +89,7 @@ def generate_seq2seq(
     outputs: list[list[int]] = [[] for _ in sources]
     done = [False] * len(sources)
     for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits, params, generator)  # (B,)
         for row, tok in enumerate(token.tolist()):
             done[row] = done[row] or tok == eos_id
             if not done[row]:

@@ -12,19 +12,22 @@ is the target's greedy output token for token.
 
 Both models keep a ``KVCache``; after a round each cache is rolled back (its ``length`` cut)
 to the tokens that were kept. p and q are the distributions after temperature, top-k and
-top-p, as ``sampling.sample`` applies them, so the result samples what ``generate`` samples.
+top-p and min-p, as ``sampling.probabilities`` gives them to ``sampling.sample``, so the result
+samples what ``generate`` samples. Penalties depend on the tokens before each draft position
+and are refused here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.sampling import check_sampling_args, top_k_filter, top_p_filter
+from lmforge.infer.generate import stop_set
+from lmforge.infer.sampling import SamplingParams, probabilities, sample
 from lmforge.models.decoder import Decoder, KVCache
 
 
@@ -36,17 +39,6 @@ class SpecStats:
     accepted: int = 0
     rounds: int = 0
     """Target forwards (each gives 1 to k+1 tokens)."""
-
-
-def probabilities(logits: Tensor, temperature: float, top_k: int | None,
-                  top_p: float | None) -> Tensor:
-    """The sampling distribution (fp32) of logits (T, V), exactly as ``sample`` draws from."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    return logits.softmax(dim=-1)
 
 
 def _check(target: Decoder, draft: Decoder, k: int, max_new_tokens: int) -> None:
@@ -77,16 +69,26 @@ def speculative_generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
     stats: SpecStats | None = None,
+    params: SamplingParams | None = None,
 ) -> Generator[int, None, str]:
     """Stream up to ``max_new_tokens`` ids continuing ``prompt_ids``, like ``generate``.
 
     Same context policy, EOS rule and return value ("stop" or "length") as ``generate``;
-    ``k`` draft tokens per round; ``stats`` (if given) counts proposals and acceptances.
+    ``k`` draft tokens per round; ``stats`` (if given) counts proposals and acceptances;
+    ``params`` (min-p, ...) replaces the sampling arguments.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    if params is None:
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed)
+    params.check()
+    if params.penalized:
+        raise ConfigError("repetition_penalty: penalties are not supported with a draft model; "
+                          "leave them at their defaults")
+    max_new_tokens, seed = params.max_tokens, params.seed
+    stops = stop_set(eos_id)
     _check(target, draft, k, max_new_tokens)
     if not prompt_ids:
         raise UserError("prompt: empty; give at least one token id (e.g. the tokenizer's BOS)")
@@ -99,15 +101,15 @@ def speculative_generate(
     produced = 0
     while produced < max_new_tokens and len(seq) <= block:
         n = min(k, block - len(seq), max_new_tokens - produced - 1)  # draft tokens this round
-        drafts, qs = _propose(draft, dcache, seq, n, temperature, top_k, top_p, gen)
+        drafts, qs = _propose(draft, dcache, seq, n, params, gen)
         logits = _feed(target, tcache, seq[tcache.length:] + drafts)[-(n + 1):]  # (n+1, V)
-        kept, extra = _verify(logits, drafts, qs, temperature, top_k, top_p, gen)
+        kept, extra = _verify(logits, drafts, qs, params, gen)
         stats.proposed, stats.accepted, stats.rounds = (
             stats.proposed + n, stats.accepted + kept, stats.rounds + 1)
         tcache.length = len(seq) + kept  # roll back to the kept tokens
         dcache.length = min(dcache.length, len(seq) + kept)
         for token in [*drafts[:kept], extra]:
-            if token == eos_id:
+            if token in stops:
                 return "stop"
             yield token
             produced += 1
@@ -115,8 +117,7 @@ def speculative_generate(
     return "length"
 
 
-def _propose(draft: Decoder, cache: KVCache, seq: list[int], n: int, temperature: float,
-             top_k: int | None, top_p: float | None,
+def _propose(draft: Decoder, cache: KVCache, seq: list[int], n: int, params: SamplingParams,
              gen: torch.Generator | None) -> tuple[list[int], list[Tensor]]:
     """n draft tokens after ``seq`` and the distribution (V,) each was drawn from."""
     if n == 0:
@@ -125,26 +126,22 @@ def _propose(draft: Decoder, cache: KVCache, seq: list[int], n: int, temperature
     tokens: list[int] = []
     dists: list[Tensor] = []
     for i in range(n):
-        if temperature == 0.0:
-            tokens.append(int(logits.argmax()))
-        else:
-            q = probabilities(logits[None], temperature, top_k, top_p)[0]  # (V,)
-            tokens.append(int(torch.multinomial(q, 1, generator=gen)))
-            dists.append(q)
+        tokens.append(int(sample(logits[None], params, gen)))
+        if params.temperature != 0.0:  # what sample drew from, again: cheap next to a forward
+            dists.append(probabilities(logits[None], params)[0])  # (V,)
         if i < n - 1:
             logits = _feed(draft, cache, tokens[-1:])[-1]
     return tokens, dists
 
 
-def _verify(logits: Tensor, drafts: list[int], qs: list[Tensor], temperature: float,
-            top_k: int | None, top_p: float | None,
+def _verify(logits: Tensor, drafts: list[int], qs: list[Tensor], params: SamplingParams,
             gen: torch.Generator | None) -> tuple[int, int]:
     """(number of drafts kept, the token after them) from the target's logits (n+1, V)."""
-    if temperature == 0.0:
+    if params.temperature == 0.0:
         best = logits.argmax(dim=-1).tolist()  # (n+1,)
         kept = next((i for i, d in enumerate(drafts) if best[i] != d), len(drafts))
         return kept, best[kept]
-    ps = probabilities(logits, temperature, top_k, top_p)  # (n+1, V)
+    ps = probabilities(logits, params)  # (n+1, V)
     for i, (d, q) in enumerate(zip(drafts, qs)):
         u = torch.rand((), generator=gen, device=ps.device)
         if u * q[d] < ps[i, d]:  # u < p/q without dividing by a tiny q

@@ -7,13 +7,13 @@ vocab) float32, both axes dynamic. With ``kv_cache`` it also takes, per layer i,
 Optimum uses); a past of length 0 is a plain prefill. Positions continue from the past
 length; every sequence of a batch has the same length (no padding mask).
 
-Why a wrapper instead of exporting ``Decoder.forward`` as is: it chooses SDPA's ``is_causal``
-and the mask with Python conditions on the sequence and cache lengths, which torch.export turns
-into symbolic booleans that SDPA rejects ("argument 'is_causal' must be bool, not SymBool",
-torch 2.13), and its KVCache is a buffer mutated in place. ``OnnxDecoder`` computes the same
-function from the same modules with one explicit mask, so one graph serves every batch,
-sequence and past length; the load-back check compares it with ``Decoder`` on every export.
-The legacy TorchScript exporter is no alternative: it has no rule for ``aten::rms_norm``.
+The graph is ``Decoder.forward`` itself, at explicit positions (``input_pos``) over a
+``PastKVCache``: the past arrives as tensors and the present leaves as new ones, and the mask
+is one explicit (T, P+T) tensor, so no Python condition on a sequence or cache length is left
+for torch.export to turn into a symbolic boolean (SDPA rejects a SymBool ``is_causal``). One
+graph serves every batch, sequence and past length; the load-back check compares it with
+``Decoder`` on every export. The legacy TorchScript exporter is no alternative: it has no rule
+for ``aten::rms_norm``.
 
 onnx and onnxruntime are imported only inside functions of this module.
 """
@@ -30,18 +30,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import UserError
-from lmforge.models.decoder import Decoder, apply_rope
+from lmforge.models.decoder import Decoder
+from lmforge.models.kv_cache import PastKVCache
 
 INSTALL = "pip install onnx onnxscript onnxruntime (or pip install 'lmforge[export]')"
 MIN_BLOCK = 8  # the export traces a past of 3 and 5 new tokens: sizes 0 and 1 are specialized
 
 
 class OnnxDecoder(nn.Module):
-    """``Decoder``'s forward as one export-friendly graph, with optional past/present KV."""
+    """``Decoder.forward`` with the past/present KV of an exported graph (or none)."""
 
     def __init__(self, model: Decoder, kv_cache: bool) -> None:
         super().__init__()
@@ -49,46 +49,12 @@ class OnnxDecoder(nn.Module):
 
     def forward(self, input_ids: Tensor, past: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
         """(logits, present.0.key, present.0.value, ...) for ids (B, T) after ``past``."""
-        m, cfg = self.model, self.model.cfg
         T = input_ids.shape[1]
         P = past[0].shape[2] if self.kv_cache else 0
-        pos = torch.arange(T, device=input_ids.device) + P  # (T,) absolute positions
-        keys = torch.arange(P + T, device=input_ids.device)  # (S,)
-        mask = keys[None, :] <= pos[:, None]  # (T, S): bottom-right aligned causal mask
-        if cfg.sliding_window is not None:
-            mask = mask & (keys[None, :] > pos[:, None] - cfg.sliding_window)
-        x = m.tok_emb(input_ids)  # (B, T, C)
-        if cfg.pos == "learned":
-            x = x + m.pos_emb(pos)
-        elif cfg.pos == "sinusoidal":
-            x = x + m.pos_table[pos].to(x.dtype)
-        rope = (m.rope_cos[pos], m.rope_sin[pos]) if cfg.pos == "rope" else None  # (T, D)
-        presents: list[Tensor] = []
-        for i, block in enumerate(m.blocks):
-            layer_past = (past[2 * i], past[2 * i + 1]) if self.kv_cache else None
-            y, kv = self._attention(block.attn, block.attn_norm(x), rope, mask, layer_past)
-            x = x + y
-            x = x + block.mlp(block.mlp_norm(x))
-            presents += kv
-        return (m.lm_head(m.norm_f(x)), *presents)
-
-    def _attention(self, attn: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                   mask: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, list]:
-        """Attention output (B, T, C) and, with a cache, the layer's present [k, v]."""
-        cfg = self.model.cfg
-        B, T, _ = x.shape
-        H, G, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
-        v = attn.v_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, G, S, D)
-            v = torch.cat((past[1], v), dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
-        return attn.o_proj(y), ([k, v] if past is not None else [])
+        cache = PastKVCache(past if self.kv_cache else None)
+        input_pos = torch.arange(T, device=input_ids.device) + P  # (T,) absolute positions
+        logits = self.model(input_ids, cache, input_pos=input_pos)  # (B, T, V)
+        return (logits, *(cache.present if self.kv_cache else ()))
 
 
 def io_names(n_layer: int, kv_cache: bool) -> tuple[list[str], list[str]]:

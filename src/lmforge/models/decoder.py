@@ -340,11 +340,12 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
-        mask: Tensor | None = None,
+        mask: Tensor | None = None, input_pos: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables.
 
-        ``mask`` (B, 1, T, T), from ``segment_mask``, replaces the causal mask (packed rows).
+        ``mask`` (B, 1, T, T), from ``segment_mask``, replaces the causal mask (packed rows);
+        with a static ``KVCache`` it is the (T, max_len) mask of positions ``input_pos`` (T,).
         """
         B, T, _ = x.shape
         D = self.cfg.head_dim
@@ -359,7 +360,10 @@ class Attention(nn.Module):
         H, G = q.shape[1], k.shape[1]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
+        if isinstance(cache, KVCache):
+            assert input_pos is not None and mask is not None
+            k, v = cache.update(self.layer, k, v, input_pos)  # (B, G, max_len, D)
+        elif cache is not None:
             mask = cache.attn_mask(T, self.cfg.sliding_window, x.device)
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
         elif mask is None:
@@ -442,10 +446,10 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
-        mask: Tensor | None = None,
+        mask: Tensor | None = None, input_pos: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask, input_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -545,20 +549,27 @@ class Decoder(nn.Module):
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
-    def new_row_cache(self, batch: int, max_len: int | None = None) -> RowKVCache:
-        """An empty ``RowKVCache``: ``batch`` independent rows of up to ``max_len`` positions."""
+    def new_row_cache(self, batch: int, max_len: int | None = None,
+                      reserve: int | None = None) -> RowKVCache:
+        """An empty ``RowKVCache``: ``batch`` independent rows of up to ``max_len`` positions,
+        ``reserve`` of them allocated now (default all; it grows on demand)."""
         cfg, w = self.cfg, self.tok_emb.weight
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         return RowKVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype,
-                          w.device)
+                          w.device, reserve)
 
     def forward(self, idx: Tensor, cache: Cache | None = None,
-                segments: Tensor | None = None, hidden: bool = False) -> Tensor:
+                segments: Tensor | None = None, hidden: bool = False,
+                input_pos: Tensor | None = None, last: bool = False) -> Tensor:
         """Logits (B, T, V) in the parameter dtype for token ids ``idx`` (B, T).
 
-        With a cache, ``idx`` continues the cached sequence(s): positions start at each row's
+        With a static ``KVCache`` and ``input_pos`` (T,), the tokens sit at those positions
+        (gpt-fast's ``forward(idx, input_pos)``): fixed shapes, no Python state, so the decode
+        step compiles and exports; the caller keeps count, nothing is checked. Without
+        ``input_pos``, ``idx`` continues the cached sequence(s): positions start at each row's
         cache length, attention covers the cached and the new tokens, and the cache advances
-        by T. ``segments`` (B, T) packs several examples per row (no cache): each token attends
+        by T. ``last`` applies the norm and the head to the last position only, (B, 1, V): a
+        prefill needs no more, and the head is the largest matmul of a small model. ``segments`` (B, T) packs several examples per row (no cache): each token attends
         only within its own example and positions restart at 0 per example, so each example
         gets the logits it would get alone (HF's packing with position ids). The loss is
         computed by the caller.
@@ -567,10 +578,20 @@ class Decoder(nn.Module):
         it goes through ``forward`` so DDP's hooks run.
         """
         B, T = idx.shape
-        self._check_length(B, T, cache)
         mask = None
-        # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
-        pos = slice(0, T) if cache is None else cache.positions(T)
+        pos: slice | Tensor
+        if isinstance(cache, KVCache):
+            if input_pos is None:  # continue where the cache ends, and count the tokens
+                self._check_length(B, T, cache)
+                input_pos = cache.next_positions(T)
+                cache.advance(T)
+            elif cache.batch not in (B, -1):  # -1: a PastKVCache takes any batch
+                raise ValueError(f"batch {B} does not match the KV cache batch {cache.batch}")
+            pos, mask = input_pos, cache.mask(input_pos, self.cfg.sliding_window)  # (T, S)
+        else:
+            self._check_length(B, T, cache)
+            # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
+            pos = slice(0, T) if cache is None else cache.positions(T)
         if segments is not None:
             if cache is not None:
                 raise ValueError("segments: packed rows are for training, not with a KV cache")
@@ -584,13 +605,15 @@ class Decoder(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D) or (B, T, D)
-            if isinstance(pos, Tensor):
+            if isinstance(pos, Tensor) and pos.dim() == 2:
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, D): one row per sequence
         x = self.emb_drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
-        if cache is not None:
+            x = block(x, rope, cache, mask, input_pos)
+        if cache is not None and not isinstance(cache, KVCache):
             cache.advance(T)
+        if last:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm_f(x)  # (B, T, C)
         return x if hidden else self.lm_head(x)  # (B, T, V)
 

@@ -7,6 +7,8 @@ positions (cache length + T), G = key/value heads, D = head_dim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -31,12 +33,15 @@ def causal_mask(T: int, past: int, window: int | None, device: torch.device) -> 
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, filled left to right.
+    """Static keys and values of every layer, written at explicit positions (gpt-fast's cache).
 
-    ``k``/``v`` are (n_layer, B, G, max_len, D); ``length`` positions are filled. The model
-    writes the new tokens of each layer at [length, length+T) through ``update`` and advances
-    ``length`` once after the last layer. A static buffer (as in gpt-fast) means no
-    reallocation per token and fixed shapes for a later compiled decode step.
+    ``k``/``v`` are (n_layer, B, G, max_len, D). The model writes the new tokens of each layer
+    at their positions ``input_pos`` (T,) with ``index_copy_`` and attends over the whole
+    buffer under a (T, max_len) mask (``mask``), so every decode step has the same shapes and
+    can be compiled. Positions nobody wrote hold zeros and are masked out. ``length`` counts
+    the filled positions for callers that let the model continue where the cache ends (no
+    ``input_pos``); rolling it back (speculative decoding) is enough to forget tokens, as a
+    query never sees keys after its own position.
     """
 
     def __init__(
@@ -64,24 +69,31 @@ class KVCache:
         """Number of positions the cache can hold."""
         return self.k.shape[3]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write new k, v (B, G, T, D) at [length, length+T); return all (B, G, S, D) so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, k: Tensor, v: Tensor,
+               input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new k, v (B, G, T, D) at positions ``input_pos`` (T,); return the whole
+        buffers (B, G, max_len, D) of the layer."""
+        keys, values = self.k[layer], self.v[layer]
+        keys.index_copy_(2, input_pos, k)
+        values.index_copy_(2, input_pos, v)
+        return keys, values
+
+    def mask(self, input_pos: Tensor, window: int | None) -> Tensor:
+        """Bool (T, max_len): the query at position p sees keys j <= p (and j > p - window)."""
+        j = torch.arange(self.max_len, device=input_pos.device)[None, :]  # (1, S)
+        i = input_pos[:, None]  # (T, 1)
+        mask = j <= i
+        if window is not None:
+            mask = mask & (j > i - window)
+        return mask
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused as they are)."""
         self.length = 0
 
-    def positions(self, T: int) -> slice:
-        """Positions of the next T tokens, the same in every row."""
-        return slice(self.length, self.length + T)
-
-    def attn_mask(self, T: int, window: int | None, device: torch.device) -> Tensor | None:
-        """Mask of the next T queries over the cached and new keys (see ``causal_mask``)."""
-        return causal_mask(T, self.length, window, device)
+    def next_positions(self, T: int) -> Tensor:
+        """Positions (T,) of T tokens after the filled ones."""
+        return torch.arange(self.length, self.length + T, device=self.k.device)
 
     def end(self, T: int) -> int:
         """Filled positions after T more tokens."""
@@ -90,6 +102,46 @@ class KVCache:
     def advance(self, T: int) -> None:
         """Count the T tokens every layer has just written."""
         self.length += T
+
+
+class PastKVCache(KVCache):
+    """Keys and values that come in as tensors and go out as new ones, nothing written in place:
+    the past/present form of an exported graph (Hugging Face Optimum's ``past_key_values``).
+
+    ``past`` holds k, v of every layer in turn, each (B, G, P, D), or is None (no past: a plain
+    forward with an explicit mask). After a forward, ``present`` holds the same list with the T
+    new positions appended. The model takes it through the same code as a ``KVCache`` (the
+    same forward, so ONNX export needs no copy of it); only ``update`` and ``mask`` differ.
+    """
+
+    def __init__(self, past: Sequence[Tensor] | None) -> None:
+        self.past = None if past is None else list(past)
+        self.present: list[Tensor] = []
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        """Unknown until the keys arrive: the input decides."""
+        return -1
+
+    def update(self, layer: int, k: Tensor, v: Tensor,
+               input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, G, P+T, D): the layer's past with the new (B, G, T, D) appended."""
+        if self.past is not None:
+            k = torch.cat((self.past[2 * layer], k), dim=2)
+            v = torch.cat((self.past[2 * layer + 1], v), dim=2)
+        self.present += [k, v]
+        return k, v
+
+    def mask(self, input_pos: Tensor, window: int | None) -> Tensor:
+        """Bool (T, P+T), bottom-right aligned: the query at position p sees keys j <= p."""
+        n_keys = input_pos.shape[0] + (0 if self.past is None else self.past[0].shape[2])
+        j = torch.arange(n_keys, device=input_pos.device)[None, :]  # (1, S)
+        i = input_pos[:, None]  # (T, 1)
+        mask = j <= i
+        if window is not None:
+            mask = mask & (j > i - window)
+        return mask
 
 
 class RowKVCache:
@@ -101,13 +153,20 @@ class RowKVCache:
     padding or reshuffling. When every row has the same length (one row, say) it does exactly
     what ``KVCache`` does: slice writes and no mask. ``rows(start, stop)`` is a view sharing the
     buffers and lengths: a new request is prefilled alone, the active rows decode together.
+
+    The buffers start at ``reserve`` positions per row (default all ``max_len``) and ``grow``
+    on demand, doubling up to ``max_len``: a server of an 8k-context model holds the positions
+    its requests use, not batch x 8k from the start.
     """
 
-    batch, max_len = KVCache.batch, KVCache.max_len  # rows (of this view), positions per row
+    batch = KVCache.batch  # rows (of this view)
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 reserve: int | None = None):
+        self.max_len = max_len  # positions a row may reach
+        capacity = max_len if reserve is None else max(1, min(reserve, max_len))
+        shape = (n_layer, batch, n_kv_head, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
@@ -117,10 +176,30 @@ class RowKVCache:
     def rows(self, start: int, stop: int) -> RowKVCache:
         """A view of rows [start, stop); writes through it land in this cache."""
         view = RowKVCache.__new__(RowKVCache)
+        view.max_len = self.max_len
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
         view.lengths = self.lengths[start:stop]  # a view too: advance() updates ours in place
         view._span, view._mask = None, None
         return view
+
+    @property
+    def capacity(self) -> int:
+        """Positions per row allocated now (at most ``max_len``)."""
+        return self.k.shape[3]
+
+    def grow(self, needed: int) -> None:
+        """Make room for ``needed`` positions per row (doubling, up to max_len); the filled
+        positions are copied over. Call on the cache itself, before taking views of it."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_len:
+            raise ValueError(f"KV cache full: {needed} positions > max_len {self.max_len}")
+        capacity = min(self.max_len, max(needed, 2 * self.capacity))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` (keys, values, length) into row ``dst``."""

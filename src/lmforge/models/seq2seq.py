@@ -149,8 +149,8 @@ def sinusoid_table(block_size: int, n_embd: int, device: torch.device | None = N
 class Seq2SeqCache(KVCache):
     """What incremental decoding keeps per decoder layer.
 
-    Self-attention keys/values are the decoder's preallocated ``KVCache`` (n_layer, B, H,
-    max_len, D), filled left to right (``length`` positions). Cross-attention keys/values depend
+    Self-attention keys/values are the decoder's static ``KVCache`` (n_layer, B, H, max_len, D),
+    written at the positions after ``length`` and attended under its mask. Cross-attention keys/values depend
     only on the encoder output, so each layer computes them once, on its first call, and
     ``cross[layer]`` keeps them.
     """
@@ -165,17 +165,6 @@ class Seq2SeqCache(KVCache):
         """Forget every position and the cross-attention keys/values of the last source."""
         super().reset()
         self.cross = [None] * len(self.cross)
-
-
-def causal_mask(T: int, past: int, device: torch.device) -> Tensor | None:
-    """Boolean (T, past+T) mask letting query i see keys 0..past+i, or None when not needed.
-
-    SDPA's ``is_causal`` aligns the triangle top-left, wrong once keys are cached, so a chunk
-    after cached positions needs an explicit bottom-right-aligned mask.
-    """
-    if past == 0 or T == 1:
-        return None
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 AttnKind = Literal["encoder", "causal", "cross"]
@@ -211,11 +200,14 @@ class Attention(nn.Module):
             k, v = self._cross_kv(memory, cache)  # (B, H, S, D)
         else:
             k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # (B, H, T, D)
-            if self.kind == "causal":
-                past = 0 if cache is None else cache.length
-                if cache is not None:
-                    k, v = cache.update(self.layer, k, v)  # (B, H, P, D)
-                mask, is_causal = causal_mask(T, past, x.device), past == 0 and T > 1
+            if self.kind == "causal" and cache is None:
+                mask, is_causal = None, T > 1
+            elif self.kind == "causal":
+                assert cache is not None
+                # The static cache: written at the positions, attended whole under a mask.
+                pos = torch.arange(cache.length, cache.length + T, device=x.device)  # (T,)
+                k, v = cache.update(self.layer, k, v, pos)  # (B, H, max_len, D)
+                mask, is_causal = cache.mask(pos, None), False  # (T, max_len)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.cfg.dropout if self.training else 0.0,

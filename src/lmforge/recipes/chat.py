@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from lmforge.api import load
 from lmforge.config import ConfigError
+from lmforge.run import Placement
 
 EXAMPLES = """
 lmforge chat --run runs/smollm2-instruct
@@ -21,7 +22,7 @@ HELP = "commands: /reset forgets the conversation, /exit quits"
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge chat`."""
 
     run: str = "runs/shakespeare"
@@ -50,7 +51,7 @@ class Config:
 
 def main(cfg: Config) -> int:
     """Read messages from stdin until /exit or end of input; stream each reply."""
-    lm = load(cfg.run, template=cfg.template, max_batch=1)  # one conversation, one slot
+    lm = load(cfg.run, template=cfg.template, max_batch=1, device=cfg.device, dtype=cfg.dtype)  # one conversation, one slot
     _ = lm.template  # no template: fail now, with the fix, not after the first message
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)

@@ -48,7 +48,7 @@ from lmforge.eval.generation import generation_metrics
 from lmforge.eval.lm import lm_loss, text_windows
 from lmforge.infer.chat import chat_setup
 from lmforge.infer.generate import generate
-from lmforge.run import LoadedModel, load_model, read_run_spec
+from lmforge.run import LoadedModel, Placement, load_model, read_run_spec
 
 EXAMPLES = """
 lmforge eval --run runs/chat-lora --data test.jsonl --baseline runs/shakespeare
@@ -64,7 +64,7 @@ POSITIONAL = ("run",)
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge eval`."""
 
     run: str = "runs/shakespeare"
@@ -313,15 +313,15 @@ def evaluate_run(run: str, path: Path, cfg: Config) -> dict[str, Any]:
     spec = read_run_spec(run)
     t0 = time.time()
     if cfg.harness is not None or cfg.memorization:
-        loaded = load_model(run)
+        loaded = load_model(run, device=cfg.device, dtype=cfg.dtype)
         metrics = (harness_eval(loaded, cfg) if cfg.harness is not None
                    else memorization_eval(loaded, cfg))
     elif spec.kind == "classifier":
-        clf = load_api(run)
+        clf = load_api(run, device=cfg.device, dtype=cfg.dtype)
         assert isinstance(clf, Classifier)
         metrics = class_eval(clf, path, cfg)
     else:
-        loaded = load_model(run)
+        loaded = load_model(run, cfg.device, cfg.dtype)
         metrics = (text_metrics(loaded, path, cfg) if _is_text(path)
                    else chat_metrics(loaded, path, cfg))
     result = {"run": str(spec.run_dir), "checkpoint": spec.checkpoint.name,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, UserError
 from lmforge.infer.text import stream_text
-from lmforge.run import load_model
+from lmforge.run import Placement, load_model
 
 EXAMPLES = """
 lmforge generate --run runs/shakespeare --prompt "ROMEO."
@@ -18,7 +18,7 @@ lmforge generate --run runs/shakespeare/checkpoints/step_00000400 --top_p 0.9 --
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge generate`."""
 
     run: str = "runs/shakespeare"
@@ -37,6 +37,10 @@ class Config:
     """Nucleus sampling: the smallest set of tokens whose probability reaches p; null disables."""
     seed: int | None = None
     """Random seed for sampling; the same seed gives the same text."""
+    draft: str | None = None
+    """A smaller run with the same tokenizer that proposes tokens (speculative decoding: the same output distribution, the same greedy text, fewer forwards of the big model); null = none."""
+    compile: bool = False
+    """Compile the decode step with torch.compile: faster tokens once compiled, but compiling takes from seconds (GPU) to minutes (a busy CPU); falls back to eager with a warning."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,11 +56,18 @@ class Config:
 def main(cfg: Config) -> int:
     """Load the model and stream a continuation of the prompt."""
     console = Console(highlight=False)
-    loaded = load_model(cfg.run)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
+    draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
+    if draft is not None and draft.tokenizer.to_str() != loaded.tokenizer.to_str():
+        raise UserError(f"draft: {cfg.draft} has another tokenizer than {cfg.run}; speculative "
+                        "decoding needs a draft trained with the same tokenizer")
+    if draft is not None and cfg.compile:
+        raise ConfigError("compile: applies to plain decoding; leave it off with --draft")
     console.print(cfg.prompt, end="", style="bold", markup=False)
     stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,
                 top_p=cfg.top_p, seed=cfg.seed,
-                eos_id=loaded.eos_id)
+                eos_id=loaded.eos_id, compile=cfg.compile,
+                draft=None if draft is None else draft.model)
     console.print()
     return 0

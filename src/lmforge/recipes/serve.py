@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.chat import ChatTemplate, load_chat_template
+from lmforge.infer.chat import ChatTemplate, resolve_chat_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.quant import quantize
-from lmforge.run import LoadedModel, load_model
+from lmforge.run import LoadedModel, Placement, load_model
 
 EXAMPLES = """
 lmforge serve --run runs/shakespeare
@@ -33,7 +33,7 @@ _WINDOWS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge serve`."""
 
     run: str = "runs/shakespeare"
@@ -58,8 +58,6 @@ class Config:
     """Chat template: chatml or a .jinja file; null = the run folder's own (chat is refused without one)."""
     quant: Literal["none", "int8", "int8-dynamic", "int4"] = "none"
     """Quantize the linear layers' weights (CPU only); see lmforge.infer.quant."""
-    device: str = "cpu"
-    """Device to run the model on (cpu, cuda, cuda:1, ...)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -86,12 +84,7 @@ def parse_rate(text: str) -> tuple[int, float]:
 def chat_template(loaded: LoadedModel, name: str | None) -> ChatTemplate | None:
     """The template to serve chat with, or None when the run has none and none was named."""
     eos = loaded.tokenizer.id_to_token(loaded.eos_id) if loaded.eos_id is not None else ""
-    try:
-        return load_chat_template(loaded.run_dir, name, eos or "")
-    except UserError:
-        if name is not None:
-            raise
-        return None
+    return resolve_chat_template(loaded.run_dir, name, eos or "", None)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -113,7 +106,7 @@ def main(cfg: Config) -> int:
                         "pip install 'lmforge[serve]'") from None
     keys = tuple(cfg.api_key) or tuple(k for k in [os.environ.get("LMFORGE_API_KEY")] if k)
     _check_port(cfg.host, cfg.port)
-    loaded = load_model(cfg.run, device=cfg.device)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
     if cfg.quant != "none":
         quantize(loaded.model, cfg.quant)
     template = chat_template(loaded, cfg.template)
@@ -121,6 +114,7 @@ def main(cfg: Config) -> int:
                     stop_ids=loaded.eos_ids,
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len)
     kv_bytes = (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size()
+    kv_bytes = kv_bytes // engine.cache.capacity * engine.cache.max_len  # once it has grown
     limit, window = parse_rate(cfg.rate_limit) if cfg.rate_limit else (None, 60.0)
     name = cfg.model_name or loaded.run_dir.name
     state = State(engine, loaded.tokenizer, template,
@@ -129,7 +123,7 @@ def main(cfg: Config) -> int:
     chat = "chat: " + (template.origin if template else "off (no template; --template chatml)")
     print(f"lmforge serve: {name} (step {loaded.step}) at http://{cfg.host}:{cfg.port}/v1  "
           f"[max_batch {cfg.max_batch} x {engine.context} positions (KV cache "
-          f"{kv_bytes / 2**20:,.0f} MiB), max_queue {cfg.max_queue}, {chat}, "
+          f"up to {kv_bytes / 2**20:,.0f} MiB, grown on demand), max_queue {cfg.max_queue}, {chat}, "
           f"api key {'required' if keys else 'off'}]", flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"lmforge serve: warning: {cfg.host} is reachable from the network and no "
