@@ -37,7 +37,7 @@ lint: setup-dev
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # llama.cpp runs what we export (tests marked llamacpp): llama-cpp-python built from its source
 # package, AMX off (upstream ggml-org/llama.cpp#20824: its AMX path crashes on quantized files
