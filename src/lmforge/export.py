@@ -296,7 +296,7 @@ def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
     assert isinstance(model, EncoderForMaskedLM | EncoderForClassification)
     labels = list(spec.labels) or None
     pad_id = load_tokenizer(spec.tokenizer).token_to_id(PAD_TOKEN)
-    dtype = DTYPES[cfg.dtype]
+    dtype = checkpoint_dtype(spec.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     t0 = time.perf_counter()
     with _writing(cfg) as tmp:
         arch = write_hf_encoder_folder(model, spec.run_dir, tmp, pad_id=pad_id, labels=labels,
