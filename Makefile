@@ -8,7 +8,7 @@ DATA   := data/shakespeare
 STAMP  := $(VENV)/.lmforge-installed
 DEVSTAMP := $(VENV)/.lmforge-dev-installed
 
-.PHONY: run test test-llamacpp setup setup-dev lint clean
+.PHONY: run test test-slow test-llamacpp setup setup-dev lint clean
 
 setup: $(STAMP)
 setup-dev: $(DEVSTAMP)
@@ -38,6 +38,12 @@ lint: setup-dev
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=30 tests
+
+# The long checks kept out of `make test` (~10 min budget on 2 cores): the 4-rank FSDP memory
+# test, FSDPxTP and sharded-LoRA SIGKILL torchrun tests, DPO over torchrun, compiled decode, and
+# the real-model tests (SmolLM2, MiniLM: skipped unless their PyPI packages are installed).
+test-slow: setup-dev
+	$(BIN)/python -m pytest -q --durations=30 -m "slow and not llamacpp" tests
 
 # llama.cpp runs what we export (tests marked llamacpp): llama-cpp-python built from its source
 # package, AMX off (upstream ggml-org/llama.cpp#20824: its AMX path crashes on quantized files

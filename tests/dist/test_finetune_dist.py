@@ -98,6 +98,7 @@ def test_two_processes_match_one(ftd: Path, single: dict[str, Path], method: str
         assert (run / "adapter.safetensors").is_file()
 
 
+@pytest.mark.slow  # ~60 s; pretraining SIGKILL resume stays in make test; make test-slow
 def test_sharded_lora_killed_mid_checkpoint_resumes_bit_identical(ftd: Path,
                                                                    tmp_path: Path) -> None:
     straight = ftd / "runs" / "ftd-kill-straight"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = Path(__file__).with_name("fsdp_memory_worker.py")
 
 
@@ -24,6 +26,7 @@ def _run(tmp: Path, name: str, nproc: int, strategy: str) -> list[dict]:
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.slow  # ~100 s: 4 ranks x a 151M model; make test-slow
 def test_four_fsdp_ranks_hold_a_quarter_and_peak_below_half_of_one_process(tmp_path: Path):
     (one,) = _run(tmp_path, "single", 1, "none")
     ranks = _run(tmp_path, "fsdp", 4, "fsdp")

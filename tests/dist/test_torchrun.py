@@ -141,6 +141,7 @@ def test_tensor_parallel_matches_one_process(workdir: Path, single: Path):
     _assert_close_weights(single, run, 1e-4)
 
 
+@pytest.mark.slow  # ~35 s; FSDP and TP alone stay in make test; make test-slow
 def test_fsdp_times_tensor_parallel_matches_one_process(workdir: Path, single: Path):
     # 4 processes on a (dp=2, tp=2) mesh: FSDP over dp, TP inside each pair; batch 4 per dp rank
     run = _train(workdir, "dist-fsdp-tp", 4, "fsdp", 4, "--dist.tp", "2")
