@@ -123,6 +123,21 @@ def test_generate_until_is_greedy_cut_at_the_stop_string(loaded: LoadedModel) ->
     assert whole == greedy
 
 
+def test_generate_until_stops_at_any_of_the_runs_end_tokens(loaded: LoadedModel) -> None:
+    # Llama 3 ends a turn with <|eot_id|> as well as <|end_of_text|>: a stop id that is not the
+    # first EOS must end generation too (the greedy text is cut right before that token).
+    prompt = "The harness scores"
+    ids = loaded.tokenizer.encode(prompt).ids
+    tokens = list(generate(loaded.model, ids, 24, temperature=0.0, eos_id=loaded.eos_id))
+    stop_token = tokens[5]
+    assert loaded.eos_id is not None and stop_token != loaded.eos_id
+    lm = HarnessLM(loaded.model, loaded.tokenizer, loaded.eos_id, loaded.bos_id, 3, 24,
+                   stop_ids=[stop_token])
+    (text,) = lm.generate_until([
+        _request("generate_until", prompt, {"until": ["\x00never"], "max_gen_toks": 24})])
+    assert text == loaded.tokenizer.decode(tokens[: tokens.index(stop_token)])
+
+
 def test_shipped_task_runs_offline_through_the_cli(loaded: LoadedModel,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

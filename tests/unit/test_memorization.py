@@ -111,3 +111,10 @@ def test_memorization_of_a_run_through_the_cli(tmp_path: Path,
     assert cli.run(args) == 0  # the same seed samples the same windows
     again = json.loads((run / "eval_memorization.json").read_text())
     assert again["windows"] == first["windows"]
+    # one window per document start goes to its own file; the uniform sample stays as it was
+    assert cli.run([*args, "--mem_from_start"]) == 0
+    starts = json.loads((run / "eval_memorization_starts.json").read_text())
+    documents = [w["document"] for w in starts["windows"]]
+    assert documents and len(set(documents)) == len(documents)  # one window per document
+    assert starts["settings"]["from_start"] and not again["settings"]["from_start"]
+    assert json.loads((run / "eval_memorization.json").read_text()) == again

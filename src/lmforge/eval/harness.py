@@ -15,6 +15,7 @@ This module imports ``lm_eval`` at the top: import it only when the harness is w
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,15 @@ class HarnessLM(TemplateLM):
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, eos_id: int,
                  bos_id: int | None = None, batch_size: int = 8, max_gen_toks: int = 256,
-                 template: ChatTemplate | None = None) -> None:
+                 template: ChatTemplate | None = None,
+                 stop_ids: Collection[int] | None = None) -> None:
         super().__init__()
         if model.training:
             raise ValueError("call model.eval() before evaluating")
         self.model, self._tok, self._eos, self._bos = model, tokenizer, eos_id, bos_id
         self.batch_size, self.max_gen_toks, self._template = batch_size, max_gen_toks, template
+        # generation ends at any of the run's end tokens (Llama 3 has several), as `generate` does
+        self._stops = sorted(set(stop_ids or ()) | {eos_id})
 
     # ------------------------------------------------------------------ what the harness asks
     @property
@@ -119,7 +123,7 @@ class HarnessLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             prompt = self.tok_encode(context) or [self.prefix_token_id]
-            text = greedy_until(self.model, self._tok, prompt, until, max_new, self._eos)
+            text = greedy_until(self.model, self._tok, prompt, until, max_new, self._stops)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
@@ -169,7 +173,7 @@ def _log_probs(model: Decoder, hidden: Tensor) -> Tensor:
 
 
 def greedy_until(model: Decoder, tokenizer: Tokenizer, prompt: list[int], until: list[str],
-                 max_new: int, eos_id: int | None) -> str:
+                 max_new: int, eos_id: int | Collection[int] | None) -> str:
     """Greedy text after ``prompt``, cut before the first of the ``until`` strings."""
     ids: list[int] = []
     text = ""

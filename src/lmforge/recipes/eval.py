@@ -248,7 +248,7 @@ def harness_eval(loaded: LoadedModel, cfg: Config) -> dict[str, Any]:
     if cfg.harness_chat_template:
         template, _ = chat_setup(loaded.run_dir, cfg.template, loaded.tokenizer, loaded.eos_id)
     lm = HarnessLM(loaded.model, loaded.tokenizer, loaded.eos_id, loaded.bos_id,
-                   cfg.batch_size, cfg.max_new_tokens, template)
+                   cfg.batch_size, cfg.max_new_tokens, template, loaded.eos_ids)
     tasks = [t.strip() for t in (cfg.harness or "").split(",") if t.strip()]
     if not tasks:
         raise UserError("harness: name at least one task, e.g. --harness arc_easy")
@@ -300,8 +300,9 @@ def _output_name(path: Path, cfg: Config) -> str:
     if cfg.harness is not None:
         return "eval_harness.json"
     if cfg.memorization:
-        return "eval_memorization.json" if cfg.mem_split == "train" else \
-            f"eval_memorization_{cfg.mem_split}.json"
+        # one file per kind of sample, so the train/val/from-start reports sit side by side
+        split = "" if cfg.mem_split == "train" else f"_{cfg.mem_split}"
+        return f"eval_memorization{split}{'_starts' if cfg.mem_from_start else ''}.json"
     return f"eval_{path.stem}.json"
 
 
