@@ -6,7 +6,10 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -76,3 +79,24 @@ def load_average() -> str:
 def fmt_mib(n_bytes: float) -> str:
     """Bytes as MiB with one decimal."""
     return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def lmforge_cli(*args: str, cwd: Path) -> None:
+    """Run one `lmforge` command in a subprocess (fails loudly, output captured)."""
+    subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, check=True,
+                   capture_output=True, text=True)
+
+
+def base_run(root: Path, model: list[str]) -> None:
+    """A pydoc-topics corpus, a 512-token tokenizer and a one-step base run ``root/base``: the
+    starting point of the fine-tuning memory benchmarks."""
+    from lmforge.data.corpora import pydoc_topics_text
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in sorted(pydoc_topics_text().items())[:60]:
+        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
+    lmforge_cli("data", "prepare", "corpus", "--out", "prepared", "--vocab_size", "512", cwd=root)
+    lmforge_cli("pretrain", "--data", "prepared", "--run", "base", *model, "--train.max_steps",
+                "1", "--train.batch_size", "1", "--train.eval_tokens", "256", "--sample_tokens",
+                "0", "--train.threads", "2", "--overwrite", cwd=root)

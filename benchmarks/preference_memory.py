@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Section, fmt_mib
+from common import Section, base_run, fmt_mib
 
 MODEL = ["--model.n_layer", "8", "--model.n_embd", "512", "--model.n_head", "8",
          "--model.block_size", "128"]
@@ -37,23 +37,9 @@ RUNS = {"LoRA SFT": ["--task", "chat", "--data", "sft.jsonl", "--train.batch_siz
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see qlora_memory.py)
 
 
-def _lmforge(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, check=True,
-                   capture_output=True, text=True)
-
-
 def prepare(root: Path) -> None:
     """Corpus, tokenizer, a one-step base run, and the same replies as SFT rows and as pairs."""
-    from lmforge.data.corpora import pydoc_topics_text
-
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_topics_text().items())[:60]:
-        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
-    _lmforge("data", "prepare", "corpus", "--out", "prepared", "--vocab_size", "512", cwd=root)
-    _lmforge("pretrain", "--data", "prepared", "--run", "base", *MODEL, "--train.max_steps",
-             "1", "--train.batch_size", "1", "--train.eval_tokens", "256", "--sample_tokens",
-             "0", "--train.threads", "2", "--overwrite", cwd=root)
+    base_run(root, MODEL)
     pairs = [{"prompt": f"what is {a} plus {b}?", "chosen": f"{a} plus {b} makes {a + b}",
               "rejected": f"{a} plus {b} makes {a + b + 1}"} for a in range(10) for b in range(8)]
     sft = [{"prompt": p["prompt"], "completion": p[k]} for p in pairs

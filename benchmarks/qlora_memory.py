@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Section, fmt_mib
+from common import Section, base_run, fmt_mib
 
 MODEL = ["--model.n_layer", "8", "--model.n_embd", "512", "--model.n_head", "8",
          "--model.block_size", "128"]
@@ -41,23 +41,9 @@ METHODS = {"lora": ["--method", "lora"],
            "qlora (plain PyTorch)": ["--method", "qlora", "--lora.quant_backend", "torch"]}
 
 
-def _lmforge(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, check=True,
-                   capture_output=True, text=True)
-
-
 def prepare(root: Path) -> None:
     """Corpus, tokenizer, a one-step base run and short chat rows."""
-    from lmforge.data.corpora import pydoc_topics_text
-
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_topics_text().items())[:60]:
-        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
-    _lmforge("data", "prepare", "corpus", "--out", "prepared", "--vocab_size", "512", cwd=root)
-    _lmforge("pretrain", "--data", "prepared", "--run", "base", *MODEL, "--train.max_steps",
-             "1", "--train.batch_size", "1", "--train.eval_tokens", "256", "--sample_tokens",
-             "0", "--train.threads", "2", "--overwrite", cwd=root)
+    base_run(root, MODEL)
     rows = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} makes {a + b}"}
             for a in range(10) for b in range(8)]
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -27,9 +27,9 @@ from lmforge.data.sft import (
     Encoded,
     Renderer,
     SftBatches,
-    _pad,
     assistant_spans,
     check_order,
+    pad_rows,
     to_example,
 )
 
@@ -162,7 +162,7 @@ def collate(pairs: list[Pair], pad_id: int) -> tuple[tuple[Tensor, Tensor, Tenso
     """((ids, labels, reference) , y) of a batch of B pairs: the B chosen rows then the B
     rejected rows, right-padded to one width; reference (2B,) in the same order, or None; y
     holds one entry per pair, so the loop counts pairs (the loss is a mean over pairs)."""
-    ids, labels = _pad([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id)
+    ids, labels = pad_rows([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id)
     ref = torch.stack([p[4] for p in pairs]).t().flatten() if len(pairs[0]) > 4 else None
     return (ids, labels, ref), torch.zeros(len(pairs), dtype=torch.long)
 

@@ -193,7 +193,7 @@ def to_example(enc: Encoded, max_len: int) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- batches
 
 
-def _pad(examples: list[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad_rows(examples: list[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad to the longest example; padded positions carry no loss."""
     width = max(len(x) for x, _ in examples)
     xs = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -234,7 +234,7 @@ def _join(examples: list[tuple[Tensor, Tensor]]) -> Packed:
 
 def _pad_packed(rows: list[Packed], pad_id: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """((x, segments), y) of packed rows; padding is a segment of its own (-1), with no loss."""
-    xs, ys = _pad([(x, y) for x, y, _ in rows], pad_id)
+    xs, ys = pad_rows([(x, y) for x, y, _ in rows], pad_id)
     segments = torch.full_like(xs, -1)
     for i, (_, _, seg) in enumerate(rows):
         segments[i, : len(seg)] = seg
@@ -264,7 +264,7 @@ class SftBatches:
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.pad_id, self.pack, self.group = pad_id, pack, group_by_length
         # how a batch's examples become (x, y): padding by default; preference pairs bring theirs
-        self.collate = collate or (_pad_packed if pack else _pad)
+        self.collate = collate or (_pad_packed if pack else pad_rows)
         self.rank, self.world_size = rank, world_size
         self.gen = torch.Generator().manual_seed(seed)
         self._it: Iterator[tuple[Any, Tensor]] = iter(())
@@ -303,7 +303,7 @@ class SftBatches:
 def eval_batches(examples: list[tuple[Tensor, Tensor]], batch_size: int,
                  pad_id: int) -> list[tuple[Tensor, Tensor]]:
     """Fixed, ordered batches for evaluation."""
-    return [_pad(examples[k: k + batch_size], pad_id)
+    return [pad_rows(examples[k: k + batch_size], pad_id)
             for k in range(0, len(examples), batch_size)]
 
 
