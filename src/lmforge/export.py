@@ -23,8 +23,9 @@ from rich.console import Console
 
 from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.data.mlm import PAD_TOKEN
+from lmforge.data.pairs import BOS_TOKEN
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.interop import gguf, llamacpp, ollama, onnx
+from lmforge.interop import gguf, llamacpp, marian, ollama, onnx
 from lmforge.interop.card import CARD_FILE, CardInfo, model_card
 from lmforge.interop.hf import (
     TOKENIZER_SIDE_FILES,
@@ -36,6 +37,7 @@ from lmforge.interop.hf import (
 )
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run import LoadedModel, RunSpec, build_model, load_model, read_run_spec
 from lmforge.utils.io import atomic_dir
 
@@ -286,9 +288,10 @@ def write_export(loaded: LoadedModel, out: Path, cfg: ExportConfig, console: Con
 # --------------------------------------------------------------------------- encoder runs
 
 
-def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
+def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console,
+                   repo: str | None = None) -> None:
     """A BERT run -> a BertForMaskedLM / BertForSequenceClassification folder, checked against
-    transformers on padded two-segment inputs."""
+    transformers on padded two-segment inputs, with its model card."""
     if cfg.format != "hf":
         raise UserError(f"{cfg.run}: an encoder run exports only as --format hf, "
                         f"not {cfg.format}")
@@ -297,17 +300,75 @@ def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console) -> None:
     labels = list(spec.labels) or None
     pad_id = load_tokenizer(spec.tokenizer).token_to_id(PAD_TOKEN)
     dtype = checkpoint_dtype(spec.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    params = model.num_params()
     t0 = time.perf_counter()
     with _writing(cfg) as tmp:
         arch = write_hf_encoder_folder(model, spec.run_dir, tmp, pad_id=pad_id, labels=labels,
                                        dtype=dtype)
         diff = bert_load_back_check(model, tmp, dtype)
-        console.print(f"load-back check (transformers: {arch}; fp32, padded, two segments): "
-                      f"max |Δlogits| = {diff:.2e} (tolerance {cfg.limit:g}; export and check "
-                      f"took {time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
-        if not diff <= cfg.limit:  # also catches NaN
-            raise UserError(f"{cfg.out}: transformers' logits differ from lmforge's by "
-                            f"{diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+        _check_and_card(spec, cfg, console, tmp, Exported(
+            diff, "transformers", f"{arch}; padded, two segments", _name(dtype),
+            {"architecture": arch}), params, t0, repo)
+
+
+def _seq2seq_ids(spec: RunSpec) -> marian.Seq2SeqIds:
+    """(pad, decoder start, eos) of an encoder-decoder run: config.yaml's pad_id/bos_id/eos_id
+    (imports), else the [PAD], [BOS] and <|endoftext|> that pretraining adds."""
+    tok = load_tokenizer(spec.tokenizer)
+    saved = load_yaml(spec.config_file)
+    pad = saved.get("pad_id", tok.token_to_id(PAD_TOKEN))
+    start = spec.bos_id if spec.bos_id is not None else tok.token_to_id(BOS_TOKEN)
+    if not all(isinstance(i, int) for i in (pad, start, spec.eos_id)):
+        raise UserError(f"{spec.config_file}: the run names no pad/bos/eos token ids and its "
+                        f"tokenizer lacks {PAD_TOKEN}, {BOS_TOKEN} or <|endoftext|>; add "
+                        "pad_id, bos_id and eos_id to config.yaml")
+    return marian.Seq2SeqIds(pad, start, spec.eos_id)  # type: ignore[arg-type]
+
+
+def export_seq2seq(spec: RunSpec, cfg: ExportConfig, console: Console,
+                   repo: str | None = None) -> None:
+    """An encoder-decoder run -> a MarianMTModel (post-norm) or PegasusForConditionalGeneration
+    (pre-norm) folder, checked against transformers on a padded batch, with its model card."""
+    if cfg.format != "hf":
+        raise UserError(f"{cfg.run}: an encoder-decoder run exports only as --format hf, "
+                        f"not {cfg.format}")
+    assert isinstance(spec.model_cfg, Seq2SeqConfig)
+    marian.export_architecture(spec.model_cfg)  # a refusal before any work
+    ids = _seq2seq_ids(spec)
+    model = build_model(spec)
+    assert isinstance(model, Seq2Seq)
+    dtype = checkpoint_dtype(spec.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    params = model.num_params()
+    t0 = time.perf_counter()
+    with _writing(cfg) as tmp:
+        arch = marian.write_folder(model, spec.tokenizer, tmp, ids, dtype)
+        diff = marian.load_back_check(model, tmp, dtype)
+        _check_and_card(spec, cfg, console, tmp, Exported(
+            diff, "transformers", f"{arch}; teacher-forced, padded source", _name(dtype),
+            {"architecture": arch, "decoder start / end / padding token ids":
+             f"{ids.start} / {ids.eos} / {ids.pad}"}), params, t0, repo)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_and_card(spec: RunSpec, cfg: ExportConfig, console: Console, out: Path,
+                    done: Exported, params: int, t0: float, repo: str | None) -> None:
+    """Print the load-back check, refuse an export beyond --tolerance, write the model card."""
+    console.print(f"load-back check ({done.reader}: {done.detail}; fp32): max |Δlogits| = "
+                  f"{done.diff:.2e} (tolerance {cfg.limit:g}; export and check took "
+                  f"{time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
+    if not done.diff <= cfg.limit:  # also catches NaN
+        raise UserError(f"{cfg.out}: {done.reader}'s logits differ from lmforge's "
+                        f"by {done.diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+    check = (f"max |Δlogits| = {done.diff:.2e} against lmforge in fp32, read back by "
+             f"{done.reader} ({done.detail})")
+    files = sorted([*(p.name for p in out.iterdir()), CARD_FILE])
+    info = CardInfo(spec.run_dir, spec.checkpoint, spec.model_cfg, params, cfg.format,
+                    done.precision, check, files, repo, spec.eos_id, done.extra,
+                    kind=spec.kind, labels=list(spec.labels))
+    (out / CARD_FILE).write_text(model_card(info), encoding="utf-8")
 
 
 @contextmanager
@@ -351,10 +412,9 @@ def export_run(cfg: ExportConfig, console: Console, repo: str | None = None) -> 
     the checkpoint that was exported."""
     spec = read_run_spec(cfg.run)
     if spec.kind in ("encoder", "classifier"):
-        export_encoder(spec, cfg, console)
-    elif spec.kind == "decoder":
-        export_decoder(spec, cfg, console, repo)
+        export_encoder(spec, cfg, console, repo)
+    elif spec.kind == "seq2seq":
+        export_seq2seq(spec, cfg, console, repo)
     else:
-        raise UserError(f"{cfg.run}: a {spec.kind} run cannot be exported yet (decoders: hf, "
-                        "gguf, onnx; encoders: hf)")
+        export_decoder(spec, cfg, console, repo)
     return spec.checkpoint

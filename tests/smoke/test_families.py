@@ -165,3 +165,97 @@ def test_load_run_opens_every_kind_of_run(mlm_run: Path, seq2seq_run: Path, work
     assert load_run(seq2seq_run).spec.eos_id is not None
     with pytest.raises(UserError, match="is an encoder run; this needs a decoder run"):
         load_model(mlm_run)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _card_metric(run: Path) -> str:
+    """The exported checkpoint's own validation loss, as the model card prints it."""
+    from lmforge.checkpoint import read_meta
+    from lmforge.run import read_run_spec
+
+    loss = read_meta(read_run_spec(run).checkpoint)["info"]["metrics"]["val_loss"]
+    return f"| validation loss (nats/token) | {loss:.4f} |"
+
+
+def test_seq2seq_run_exports_as_marian_that_transformers_runs_alike(seq2seq_run: Path,
+                                                                    workdir: Path,
+                                                                    tmp_path: Path) -> None:
+    """A trained run -> MarianMTModel: loads with no missing keys; its tokenizer gives the
+    training's source ids; teacher-forced logits and greedy tokens equal ours on real pairs."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.data.pairs import PairIds, collate, encode_pairs, read_pairs
+    from lmforge.infer.seq2seq_generate import generate_seq2seq
+    from lmforge.run import load_run
+
+    out = tmp_path / "marian"
+    assert cli.run(["export", "--run", str(seq2seq_run), "--format", "hf", "--out", str(out)]) == 0
+    theirs, info = transformers.MarianMTModel.from_pretrained(
+        str(out), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    loaded = load_run(seq2seq_run)
+    tok, model = loaded.tokenizer, loaded.model
+    ids = PairIds(tok.token_to_id("[PAD]"), tok.token_to_id("[BOS]"), loaded.spec.eos_id)
+    pairs = read_pairs(workdir / "reverse" / "val.jsonl")[:6]
+    items, _ = encode_pairs(tok, pairs, ids, model.cfg.block_size)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok([p.source for p in pairs]).input_ids == [s for s, _ in items]
+    (src, tgt, mask), _ = collate(items, ids)
+    with torch.no_grad():
+        ref = theirs(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        assert (model(src, tgt, mask) - ref).abs().max().item() <= 1e-4
+    ours = generate_seq2seq(model, [s for s, _ in items], 10, ids.bos, ids.eos, ids.pad)
+    gen = theirs.generate(input_ids=src, attention_mask=mask, max_new_tokens=10,
+                          do_sample=False, num_beams=1)
+    rows = [r[1:].tolist() for r in gen]  # after the decoder start token
+    assert ours == [r[: r.index(ids.eos)] if ids.eos in r else r for r in rows]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["decoder_start_token_id"], config["eos_token_id"],
+            config["pad_token_id"]) == (ids.bos, ids.eos, ids.pad)
+    card = (out / "README.md").read_text()
+    for line in (f"| parameters | {model.num_params():,} |", "| encoder layers | 1 |",
+                 "| width | 64 |", "post-norm", "- objective: seq2seq", "- data: `reverse`",
+                 "pipeline_tag: text2text-generation", "AutoModelForSeq2SeqLM",
+                 "validation greedy exact match", _card_metric(seq2seq_run)):
+        assert line in card, line
+    with pytest.raises(UserError, match="exports only as --format hf"):
+        cli.run(["export", "--run", str(seq2seq_run), "--format", "onnx", "--out",
+                 str(tmp_path / "onnx")])
+
+
+def test_encoder_exports_get_a_model_card_from_their_run(mlm_run: Path, workdir: Path,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A masked-LM run and a classifier fine-tuned from it: the card's architecture, task,
+    training and metrics come from the run."""
+    pytest.importorskip("transformers")
+    from lmforge.run import load_run
+
+    monkeypatch.chdir(workdir)
+    rows = [{"text": f"the module {w} value", "label": "pos" if i % 2 else "neg"}
+            for i, w in enumerate(["good", "bad"] * 10)]
+    (workdir / "card.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    threads = torch.get_num_threads()
+    try:
+        assert cli.run(["finetune", "--task", "classify", "--run", str(mlm_run), "--data",
+                        "card.jsonl", "--method", "full", "--out", "card-cls",
+                        "--train.max_steps", "2", "--train.threads", "1",
+                        "--train.save_every", "2", "--overwrite"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cls_run = workdir / "runs" / "card-cls"
+    for run, tag, lines in (
+            (mlm_run, "fill-mask", ["- objective: mlm", "- data: `prepared` (",
+                                    "AutoModelForMaskedLM", _card_metric(mlm_run)]),
+            (cls_run, "text-classification", [f"classification fine-tune of `{mlm_run.name}`",
+                                              "| labels | neg, pos |", "- data: `card.jsonl`",
+                                              "AutoModelForSequenceClassification",
+                                              "validation macro-F1"])):
+        out = tmp_path / run.name
+        assert cli.run(["export", "--run", str(run), "--out", str(out)]) == 0
+        card = (out / "README.md").read_text()
+        params = load_run(run).model.num_params()
+        for line in (f"pipeline_tag: {tag}", f"| parameters | {params:,} |", "| layers | 2 |",
+                     "| width | 32 |", "BERT", "max |Δlogits|", *lines):
+            assert line in card, (run.name, line)

@@ -1,5 +1,7 @@
 """The model card (README.md) written into every export: what the model is, how it was made,
-how well it did, how it was checked, and how to load it.
+how well it did, how it was checked, and how to load it. One card for every kind of run: a
+decoder, a BERT encoder (masked LM or classifier) and an encoder-decoder; only the
+architecture table, the Hub header and the loading snippet differ.
 
 Everything comes from the run folder (config.yaml, summary.json, metrics.jsonl, the data
 folder's manifest.json when it is still there) and from the export itself; a missing file
@@ -16,8 +18,19 @@ from typing import Any
 from lmforge.checkpoint import read_meta
 from lmforge.config import ConfigError, UserError, load_yaml
 from lmforge.models.decoder import DecoderConfig
+from lmforge.models.encoder import EncoderConfig
+from lmforge.models.seq2seq import Seq2SeqConfig
 
 CARD_FILE = "README.md"
+# kind -> (Hub pipeline tag, transformers Auto class, what the model is, in words)
+_KINDS = {
+    "decoder": ("text-generation", "AutoModelForCausalLM", "A decoder-only language model"),
+    "encoder": ("fill-mask", "AutoModelForMaskedLM", "A BERT encoder (masked language model)"),
+    "classifier": ("text-classification", "AutoModelForSequenceClassification",
+                   "A BERT text classifier"),
+    "seq2seq": ("text2text-generation", "AutoModelForSeq2SeqLM",
+                "An encoder-decoder (the Transformer of Vaswani et al. 2017)"),
+}
 
 
 @dataclass
@@ -26,7 +39,7 @@ class CardInfo:
 
     run_dir: Path
     checkpoint: Path
-    cfg: DecoderConfig
+    cfg: DecoderConfig | EncoderConfig | Seq2SeqConfig
     params: int
     fmt: str  # hf | gguf | onnx
     precision: str  # e.g. "float32", "Q8_0 (norms F32)"
@@ -35,6 +48,8 @@ class CardInfo:
     repo: str | None = None  # a Hub repo name, for the loading snippets
     eos_id: int | None = None
     extra: dict[str, str] = field(default_factory=dict)  # format-specific facts (I/O names, ...)
+    kind: str = "decoder"  # decoder | encoder | classifier | seq2seq (run.py's kinds)
+    labels: list[str] = field(default_factory=list)  # a classifier's label names, in order
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -69,7 +84,42 @@ def _last_eval(run_dir: Path) -> dict[str, Any]:
     return last
 
 
-def _architecture(cfg: DecoderConfig, params: int) -> list[str]:
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _architecture(info: CardInfo) -> list[str]:
+    cfg, params = info.cfg, info.params
+    if isinstance(cfg, EncoderConfig):
+        return _table(_encoder_rows(cfg, params, info.labels))
+    if isinstance(cfg, Seq2SeqConfig):
+        return _table(_seq2seq_rows(cfg, params))
+    return _table(_decoder_rows(cfg, params))
+
+
+def _encoder_rows(cfg: EncoderConfig, params: int, labels: list[str]) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("family", "BERT (post-norm, learned positions, GELU)"), ("parameters", f"{params:,}"),
+        ("layers", cfg.n_layer), ("width", cfg.n_embd), ("attention heads", cfg.n_head),
+        ("MLP width", cfg.ffn_dim), ("context length", cfg.block_size),
+        ("vocabulary", f"{cfg.vocab_size:,}"), ("token types", cfg.type_vocab_size)]
+    if labels:
+        rows.append(("labels", ", ".join(labels)))
+    return rows
+
+
+def _seq2seq_rows(cfg: Seq2SeqConfig, params: int) -> list[tuple[str, Any]]:
+    return [
+        ("family", f"Transformer encoder-decoder ({cfg.norm}-norm, sinusoidal positions, "
+                   f"{cfg.activation} feed-forward)"),
+        ("parameters", f"{params:,}"), ("encoder layers", cfg.n_encoder_layer),
+        ("decoder layers", cfg.n_decoder_layer), ("width", cfg.n_embd),
+        ("attention heads", cfg.n_head), ("feed-forward width", cfg.ffn_dim),
+        ("max source / target length", cfg.block_size), ("vocabulary", f"{cfg.vocab_size:,}"),
+        ("shared embeddings", cfg.tie_embeddings)]
+
+
+def _decoder_rows(cfg: DecoderConfig, params: int) -> list[tuple[str, Any]]:
     llama = (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
     family = "Llama-style (RMSNorm, RoPE, SwiGLU)" if llama else (
         f"{cfg.norm}, {cfg.pos} positions, {cfg.mlp} MLP")
@@ -86,7 +136,7 @@ def _architecture(cfg: DecoderConfig, params: int) -> list[str]:
         rows.append(("sliding window", cfg.sliding_window))
     if cfg.bias or cfg.qkv_bias:
         rows.append(("biases", "all linear layers" if cfg.bias else "q/k/v only"))
-    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    return rows
 
 
 def _checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
@@ -117,24 +167,35 @@ def _data_line(run: dict[str, Any], run_dir: Path) -> str | None:
 
 
 def _training(run_dir: Path, meta: dict[str, Any]) -> list[str]:
-    """Where the weights came from: an import's source, or the pretraining run's numbers."""
+    """Where the weights came from: an import's source, or the training run's numbers."""
     run, summary = _run_config(run_dir), _read_json(run_dir / "summary.json")
+    # A fine-tune keeps its options (base run, data, train, optim) under `finetune:`.
+    opts = run["finetune"] if isinstance(run.get("finetune"), dict) else run
     lines = []
     if "source" in run:
         fmt = run.get("format", "Hugging Face")
         lines.append(f"- imported from `{_source(str(run['source']))}` ({fmt}, "
                      f"{run.get('architecture', '?')}); not trained by lmforge")
+    if run.get("task") == "classify":
+        lines.append(f"- task: classification fine-tune of `{_source(str(opts.get('run')))}`")
+    elif run.get("objective") in ("mlm", "seq2seq"):
+        lines.append(f"- objective: {run['objective']}")
     if run.get("preset"):
         lines.append(f"- preset: `{run['preset']}`")
-    data = _data_line(run, run_dir)
+    tuned = opts.get("data") if opts is not run else None  # a file: named, not its path
+    data = _data_line(run, run_dir) if opts is run else (
+        f"- data: `{_source(tuned)}`" if isinstance(tuned, str) else None)
     if data:
         lines.append(data)
-    train = run.get("train") if isinstance(run.get("train"), dict) else {}
+    train = opts.get("train") if isinstance(opts.get("train"), dict) else {}
     if train:
-        seq = train.get("seq_len") or "block_size"
-        lines.append(f"- batch: {train.get('batch_size')} x {seq} tokens x "
+        # What one batch row is: a source/target pair, a labelled text, or a token window.
+        row = ("source/target pairs" if run.get("objective") == "seq2seq" else
+               f"texts of up to {run.get('max_len')} tokens" if run.get("task") == "classify"
+               else f"x {train.get('seq_len') or 'block_size'} tokens")
+        lines.append(f"- batch: {train.get('batch_size')} {row} x "
                      f"{train.get('grad_accum', 1)} accumulation; seed {train.get('seed')}")
-    optim = run.get("optim") if isinstance(run.get("optim"), dict) else {}
+    optim = opts.get("optim") if isinstance(opts.get("optim"), dict) else {}
     if optim:
         lines.append(f"- AdamW, peak lr {optim.get('lr')}, warmup {optim.get('warmup_steps')} "
                      f"steps, weight decay {optim.get('weight_decay')}")
@@ -159,7 +220,10 @@ def _metrics(run_dir: Path, meta: dict[str, Any]) -> list[str]:
     else:
         source, where = _last_eval(run_dir), "the run's last evaluation (metrics.jsonl)"
     names = {"val_loss": "validation loss (nats/token)", "val_ppl": "validation perplexity",
-             "val_bpb": "bits per byte", "unigram_baseline_loss": "unigram baseline loss"}
+             "val_bpb": "bits per byte", "unigram_baseline_loss": "unigram baseline loss",
+             "val_accuracy": "validation accuracy", "val_macro_f1": "validation macro-F1",
+             "val_exact_match": "validation greedy exact match",
+             "test_accuracy": "test accuracy", "test_macro_f1": "test macro-F1"}
     rows = [f"| {label} | {source[k]:.4f} |" for k, label in names.items()
             if isinstance(source.get(k), (int, float))]
     if not rows:
@@ -170,6 +234,16 @@ def _metrics(run_dir: Path, meta: dict[str, Any]) -> list[str]:
 
 def _how_to_load(info: CardInfo) -> list[str]:
     where = info.repo or "path/to/this/folder"
+    if info.fmt == "hf" and info.kind != "decoder":
+        auto = _KINDS[info.kind][1]
+        text = {"encoder": "The capital of France is [MASK]."}.get(info.kind, "Once upon a time")
+        use = ("out = model.generate(**batch, max_new_tokens=40)",
+               "print(tok.decode(out[0], skip_special_tokens=True))") if info.kind == "seq2seq" \
+            else ("logits = model(**batch).logits",)
+        return ["```python", f"from transformers import {auto}, AutoTokenizer", "",
+                f'tok = AutoTokenizer.from_pretrained("{where}")',
+                f'model = {auto}.from_pretrained("{where}")',
+                f'batch = tok(["{text}"], return_tensors="pt")', *use, "```"]
     if info.fmt == "hf":
         return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                 "", f'tok = AutoTokenizer.from_pretrained("{where}")',
@@ -207,12 +281,13 @@ def model_card(info: CardInfo) -> str:
     tag = {"hf": "transformers", "gguf": "gguf", "onnx": "onnx"}[info.fmt]
     # The Hub reads this header; library_name only where a library loads the folder as is.
     library = ["library_name: transformers"] if info.fmt == "hf" else []
-    header = ["---", *library, "pipeline_tag: text-generation", "tags:", "- lmforge",
+    pipeline, _, what = _KINDS[info.kind]
+    header = ["---", *library, f"pipeline_tag: {pipeline}", "tags:", "- lmforge",
               f"- {tag}", "---", ""]
     body = [f"# {name}", "",
-            f"A decoder-only language model exported by lmforge from run `{run_name}` as "
+            f"{what} exported by lmforge from run `{run_name}` as "
             f"**{info.fmt}** ({info.precision}).", "", "## Architecture", "",
-            *_architecture(info.cfg, info.params), "", "## Training", "",
+            *_architecture(info), "", "## Training", "",
             *_training(info.run_dir, meta), "", "## Metrics", "",
             *_metrics(info.run_dir, meta), "", "## This export", "",
             f"- files: {', '.join(f'`{f}`' for f in info.files)}",

@@ -1,5 +1,6 @@
 """Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2), a BERT (BertForMaskedLM,
-BertForSequenceClassification) or a GGUF file as a run folder.
+BertForSequenceClassification), an encoder-decoder (MarianMTModel, PegasusForConditionalGeneration)
+or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
 (when online), or a llama.cpp .gguf file (llama, qwen2, qwen3 or gpt2 architecture; F32, F16, BF16,
@@ -24,7 +25,7 @@ from rich.console import Console
 from lmforge.checkpoint import TrainState, save_checkpoint
 from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.data.tokenizer import load_tokenizer, vocab_size_of
-from lmforge.interop import gguf
+from lmforge.interop import gguf, marian
 from lmforge.interop.hf import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -87,6 +88,8 @@ def main(cfg: Config) -> int:
     hf = read_json(folder / CONFIG_FILE)
     if bert_architecture(hf) is not None:
         return import_bert(cfg, folder, out)
+    if hf.get("is_encoder_decoder") or marian.seq2seq_architecture(hf) is not None:
+        return import_seq2seq(cfg, folder, out)
     model, arch = load_hf_model(folder, DTYPES.get(cfg.dtype))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         tok = _copy_checked_tokenizer(folder, tmp, model.cfg.vocab_size)
@@ -166,6 +169,31 @@ def import_bert(cfg: Config, folder: Path, out: Path) -> int:
         f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
         f"{model.cfg.n_layer} layers, width {model.cfg.n_embd}, context {model.cfg.block_size}"
         f"\n-> {out}    try: lmforge export --run {out} --format hf --out exports/NAME",
+        markup=False, soft_wrap=True,
+    )
+    return 0
+
+
+def import_seq2seq(cfg: Config, folder: Path, out: Path) -> int:
+    """A MarianMTModel / PegasusForConditionalGeneration folder -> an encoder-decoder run,
+    written as `pretrain --objective seq2seq` writes one, plus the folder's special ids
+    (decoder start as bos_id, eos_id, pad_id), which its tokenizer names differently."""
+    where = folder / CONFIG_FILE
+    hf = read_json(where)
+    model, arch = marian.load_hf_seq2seq(folder, DTYPES.get(cfg.dtype))
+    ids = marian.special_ids(hf, str(where))
+    record = {"source": cfg.src, "architecture": arch, "objective": "seq2seq",
+              "bos_id": ids.start, "eos_id": ids.eos, "pad_id": ids.pad,
+              "seq2seq": to_dict(model.cfg)}
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        _copy_checked_tokenizer(folder, tmp, model.cfg.vocab_size)
+        _write_run(tmp, record, model, cfg.src, arch, folder)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    Console(highlight=False).print(
+        f"imported {arch} from {cfg.src}: {model.num_params():,} parameters ({dtype}), "
+        f"{model.cfg.n_encoder_layer}+{model.cfg.n_decoder_layer} layers ({model.cfg.norm}-norm),"
+        f" width {model.cfg.n_embd}, decoder start / eos / pad ids {ids.start} / {ids.eos} / "
+        f"{ids.pad}\n-> {out}    try: lmforge export --run {out} --format hf --out exports/NAME",
         markup=False, soft_wrap=True,
     )
     return 0

@@ -1,0 +1,218 @@
+"""Parity with transformers for the encoder-decoder: MarianMTModel and Pegasus, both ways.
+
+A tiny random transformers model (post-norm Marian with shared or separate embeddings, pre-norm
+Pegasus) is saved, imported with `lmforge import`, compared teacher-forced on a padded batch and
+in greedy generation, exported with `lmforge export` and loaded back into transformers with no
+missing or unexpected keys: the same tensors it started from. Configs our Transformer cannot
+compute are refused in one line. (A run trained by lmforge is exported in
+tests/smoke/test_families.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.cli import run  # noqa: E402
+from lmforge.config import UserError, load_yaml  # noqa: E402
+from lmforge.infer.seq2seq_generate import encode_sources, generate_seq2seq  # noqa: E402
+from lmforge.interop import marian  # noqa: E402
+from lmforge.models.seq2seq import Seq2SeqConfig  # noqa: E402
+from lmforge.run import load_run  # noqa: E402
+
+V = 48
+EOS, PAD, BOS = 0, 1, 2
+WORDS = ["<|endoftext|>", "[PAD]", "[BOS]", "[UNK]", *(f"w{i}" for i in range(V - 4))]
+TOL = 1e-4
+# name -> (transformers class, extra config): post-norm with one shared matrix, post-norm with
+# three separate ones (and swish), pre-norm (Pegasus, which always shares).
+KINDS = {
+    "marian": ("MarianMTModel", {"activation_function": "relu"}),
+    "marian-untied": ("MarianMTModel", {"activation_function": "swish",
+                                        "share_encoder_decoder_embeddings": False,
+                                        "tie_word_embeddings": False}),
+    "pegasus": ("PegasusForConditionalGeneration", {"activation_function": "gelu"}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hf_model(kind: str) -> Any:
+    """A tiny random model with large weights (sharp attention) and non-trivial norms/biases."""
+    arch, extra = KINDS[kind]
+    config_cls = transformers.MarianConfig if arch == "MarianMTModel" else \
+        transformers.PegasusConfig
+    config = config_cls(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=40, scale_embedding=True, dropout=0.0, pad_token_id=PAD,
+        eos_token_id=EOS, decoder_start_token_id=BOS, forced_eos_token_id=None, **extra)
+    model = getattr(transformers, arch)(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_positions" in name:
+                continue  # the fixed sine table
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 2:
+                p.copy_(noise * 0.2)
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+    return model.eval()
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(WORDS[:4])
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def sources() -> list[list[int]]:
+    """Three sources of different lengths (so the batch pads), each ending in EOS."""
+    g = torch.Generator().manual_seed(1)
+    return [[*torch.randint(4, V, (n,), generator=g).tolist(), EOS] for n in (11, 6, 3)]
+
+
+def max_diff(ours: torch.nn.Module, theirs: Any) -> float:
+    src, mask = encode_sources(sources(), PAD)
+    tgt = torch.randint(4, V, (3, 9), generator=torch.Generator().manual_seed(2))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        mine = ours(src, tgt, mask)
+        ref = theirs(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+    return (mine - ref).abs().max().item()
+
+
+def their_greedy(theirs: Any, n: int) -> list[list[int]]:
+    """transformers' greedy generation, each row cut before its first EOS."""
+    src, mask = encode_sources(sources(), PAD)
+    out = theirs.generate(input_ids=src, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          num_beams=1)
+    rows = [r[1:].tolist() for r in out]  # drop the decoder start token
+    return [r[: r.index(EOS)] if EOS in r else r for r in rows]
+
+
+@dataclass
+class Case:
+    kind: str
+    hf: Any
+    src: Path
+    run: Path
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    model = hf_model(kind)
+    model.save_pretrained(root / "hf")
+    write_tokenizer(root / "hf")
+    assert run(["import", str(root / "hf"), "--out", str(root / "run")]) == 0
+    return Case(kind, model, root / "hf", root / "run")
+
+
+def test_import_writes_a_seq2seq_run(case: Case) -> None:
+    saved = load_yaml(case.run / "config.yaml")
+    assert saved["objective"] == "seq2seq" and saved["architecture"] == KINDS[case.kind][0]
+    s2s = saved["seq2seq"]
+    assert s2s["norm"] == ("pre" if case.kind == "pegasus" else "post")
+    assert s2s["tie_embeddings"] is (case.kind != "marian-untied")
+    assert s2s["activation"] == {"marian": "relu", "marian-untied": "silu", "pegasus": "gelu"}[
+        case.kind]
+    assert (saved["bos_id"], saved["eos_id"], saved["pad_id"]) == (BOS, EOS, PAD)
+    loaded = load_run(case.run)
+    assert loaded.kind == "seq2seq" and loaded.spec.eos_id == EOS and loaded.spec.bos_id == BOS
+
+
+def test_imported_logits_and_greedy_tokens_match_transformers(case: Case) -> None:
+    model = load_run(case.run).model
+    diff = max_diff(model, case.hf)
+    print(f"import {case.kind}: max |Δlogits| = {diff:.2e}")
+    assert diff <= TOL
+    ours = generate_seq2seq(model, sources(), 12, BOS, EOS, PAD)
+    assert ours == their_greedy(case.hf, 12)
+    assert any(len(r) > 1 for r in ours)  # something was generated, not just an EOS
+
+
+def test_export_loads_cleanly_and_holds_the_same_tensors(case: Case, tmp_path: Path,
+                                                         capsys: Any) -> None:
+    out = tmp_path / "hf"
+    assert run(["export", "--run", str(case.run), "--format", "hf", "--out", str(out)]) == 0
+    assert "load-back check" in capsys.readouterr().out
+    theirs, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+        str(out), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(theirs).__name__ == KINDS[case.kind][0]
+    ref = dict(case.hf.state_dict())
+    assert set(theirs.state_dict()) == set(ref)
+    for key, t in theirs.state_dict().items():
+        assert torch.equal(t, ref[key]), key
+    diff = max_diff(load_run(case.run).model, theirs.eval())
+    print(f"export {case.kind}: max |Δlogits| = {diff:.2e}")
+    assert diff <= TOL
+    config = json.loads((out / "config.json").read_text())
+    assert (config["decoder_start_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        BOS, EOS, PAD)
+    # The tokenizer appends EOS, as training does to each source, and pads with [PAD].
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok("w3 w7").input_ids == [WORDS.index("w3"), WORDS.index("w7"), EOS]
+    assert tok.pad_token_id == PAD and tok.eos_token_id == EOS
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _base() -> dict[str, Any]:
+    return {**hf_model("marian").config.to_dict(), "architectures": ["MarianMTModel"]}
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"activation_function": "gelu_new"}, "activation_function='gelu_new'"),
+    ({"scale_embedding": False}, "scale_embedding=False"),
+    ({"decoder_vocab_size": V + 8}, "decoder_vocab_size"),
+    ({"normalize_before": True}, "normalize_before=True"),
+    ({"static_position_embeddings": False}, "learned positions"),
+    ({"decoder_ffn_dim": 64}, "encoder/decoder_ffn_dim"),
+    ({"architectures": ["BartForConditionalGeneration"]}, "MarianMTModel, Pegasus"),
+])
+def test_configs_that_do_not_map_are_refused_in_one_line(change: dict[str, Any],
+                                                         needle: str) -> None:
+    with pytest.raises(UserError) as err:
+        marian.seq2seq_config_from_hf({**_base(), **change}, "x/config.json")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("x/config.json: ") and needle in message
+
+
+def test_import_refuses_an_output_bias_and_writes_nothing(tmp_path: Path) -> None:
+    model = hf_model("marian")
+    model.final_logits_bias.fill_(0.5)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    with pytest.raises(UserError, match="final_logits_bias is not zero"):
+        run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pre_norm_model_with_separate_embeddings_is_refused() -> None:
+    cfg = Seq2SeqConfig(vocab_size=V, n_embd=32, norm="pre", tie_embeddings=False)
+    with pytest.raises(UserError, match="seq2seq.tie_embeddings: .*Pegasus"):
+        marian.export_architecture(cfg)
+    assert marian.export_architecture(Seq2SeqConfig(norm="pre")) == \
+        "PegasusForConditionalGeneration"
+    assert marian.export_architecture(Seq2SeqConfig(tie_embeddings=False)) == "MarianMTModel"
