@@ -209,10 +209,29 @@ def test_import_refuses_an_output_bias_and_writes_nothing(tmp_path: Path) -> Non
     assert not (tmp_path / "run").exists()
 
 
-def test_a_pre_norm_model_with_separate_embeddings_is_refused() -> None:
+def test_what_neither_class_computes_is_refused_on_export() -> None:
     cfg = Seq2SeqConfig(vocab_size=V, n_embd=32, norm="pre", tie_embeddings=False)
     with pytest.raises(UserError, match="seq2seq.tie_embeddings: .*Pegasus"):
         marian.export_architecture(cfg)
+    with pytest.raises(UserError, match="seq2seq.norm_eps: .*1e-05, this model uses 1e-06"):
+        marian.export_architecture(Seq2SeqConfig(norm_eps=1e-6))
     assert marian.export_architecture(Seq2SeqConfig(norm="pre")) == \
         "PegasusForConditionalGeneration"
     assert marian.export_architecture(Seq2SeqConfig(tie_embeddings=False)) == "MarianMTModel"
+
+
+def test_a_bfloat16_export_holds_our_weights_rounded(case: Case, tmp_path: Path) -> None:
+    """--dtype bfloat16: every tensor is the original rounded once; transformers and lmforge
+    computing in bf16 on CPU from it agree to bf16 precision."""
+    if case.kind != "marian":
+        pytest.skip("one layout is enough: the dtype path is shared")
+    out = tmp_path / "bf16"
+    assert run(["export", "--run", str(case.run), "--dtype", "bfloat16", "--out", str(out)]) == 0
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    ref = dict(case.hf.state_dict())
+    for key, t in theirs.state_dict().items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ref[key].to(torch.bfloat16)), key
+    ours = load_run(case.run, dtype="bf16").model
+    diff = max_diff(ours, theirs.eval())
+    print(f"bf16 marian: max |Δlogits| = {diff:.2e}")
+    assert diff <= 0.1  # the two compute in bf16 in different orders: bf16's 2^-8 of |logits|

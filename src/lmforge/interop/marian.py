@@ -50,6 +50,7 @@ SEQ2SEQ_ARCHITECTURES = {"MarianMTModel": ("marian", "post"),
 # transformers' activation names -> ours (ACT2FN: "gelu" is the exact erf GELU, "swish" = SiLU).
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
 _BIAS = "final_logits_bias"
+_EPS = 1e-5  # nn.LayerNorm's default, which both classes use (no config field)
 _POSITIONS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight")
 
 
@@ -70,6 +71,9 @@ def seq2seq_architecture(hf: dict[str, Any]) -> str | None:
 
 def export_architecture(cfg: Seq2SeqConfig) -> str:
     """The transformers class that computes what ``cfg`` does, or a one-line UserError."""
+    if cfg.norm_eps != _EPS:
+        raise UserError(f"seq2seq.norm_eps: Marian and Pegasus fix the LayerNorm epsilon at "
+                        f"{_EPS:g}, this model uses {cfg.norm_eps:g}; train with norm_eps={_EPS:g}")
     if cfg.norm == "post":
         return "MarianMTModel"
     if not cfg.tie_embeddings:

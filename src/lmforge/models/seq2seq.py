@@ -34,8 +34,9 @@ activation_function = activation, share_encoder_decoder_embeddings = tie_word_em
 tie_embeddings, decoder_start_token_id = [BOS], eos_token_id = <|endoftext|>, pad_token_id =
 [PAD] (the ids the pretrain recipe adds to the tokenizer), dropout = attention_dropout =
 dropout, activation_dropout = 0. Pre-norm adds ``encoder.layer_norm`` and
-``decoder.layer_norm``, named as MBart's (which differs in learned positions and an embedding
-LayerNorm). Marian's LayerNorm epsilon is fixed at 1e-5 (= our default norm_eps).
+``decoder.layer_norm``: ``PegasusForConditionalGeneration`` 1:1 (the same sine table, stored in
+its files; source and target embeddings always shared). Marian's and Pegasus' LayerNorm epsilon
+is fixed at 1e-5 (= our default norm_eps). ``interop/marian.py`` implements both directions.
 
 Shapes: B batch, S source tokens, T target tokens (new ones, with a cache), P attended target
 positions (cache length + T), C = n_embd, H = n_head, D = head_dim, F = ffn_dim, V = vocab_size.

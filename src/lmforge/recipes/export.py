@@ -5,7 +5,8 @@ Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM or GPT2L
 whichever computes exactly what the run's model does), generation_config.json and the
 tokenizer files, then loads them back with transformers. An
 encoder run (`pretrain --objective mlm`, `finetune --task classify`) exports as
-BertForMaskedLM / BertForSequenceClassification (hf only; no model card yet).
+BertForMaskedLM / BertForSequenceClassification, an encoder-decoder run (`pretrain --objective
+seq2seq`) as MarianMTModel (post-norm) or PegasusForConditionalGeneration (pre-norm) (hf only).
 `--format gguf` writes one .gguf file (llama.cpp's llama, qwen2, qwen3 or gpt2 architecture,
 --gguf_type f32, f16, bf16, q8_0, q4_0, or the K-quants q4_k_m, q5_k_m, q6_k made by llama.cpp's
 quantizer, with the tokenizer, chat template and an imported model's own metadata) and an
@@ -26,6 +27,7 @@ from lmforge.export import ExportConfig, export_run
 EXAMPLES = """
 lmforge export --run runs/shakespeare --format hf --out exports/shakespeare-hf
 lmforge export --run runs/smollm2 --out exports/smollm2 --dtype bfloat16
+lmforge export --run runs/reverse --format hf --out exports/reverse-marian
 lmforge export --run runs/shakespeare --format gguf --gguf_type q8_0 --out exports/shakespeare-gguf
 lmforge export --run runs/smollm2 --format gguf --gguf_type q5_k_m --out smollm2.Q5_K_M.gguf
 lmforge export --run runs/shakespeare --format onnx --kv_cache --out exports/shakespeare-onnx
