@@ -175,6 +175,31 @@ def test_export_loads_cleanly_and_holds_the_same_tensors(case: Case, tmp_path: P
     assert tok.pad_token_id == PAD and tok.eos_token_id == EOS
 
 
+@pytest.mark.parametrize("layout", ["shared-source-target-own-head", "every-copy-stored"])
+def test_other_embedding_layouts_import_to_the_same_numbers(layout: str, tmp_path: Path) -> None:
+    """Marian with source and target shared but its own output head (read as three separate
+    matrices), and a tied file that stores every copy, as older exports did (copies ignored as
+    transformers ignores them)."""
+    from safetensors.torch import save_file
+
+    if layout == "every-copy-stored":
+        model = hf_model("marian")
+        model.save_pretrained(tmp_path)
+        tensors = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
+                   if "embed_positions" not in k}
+        save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        config = {**_base(), "tie_word_embeddings": False}
+        model = transformers.MarianMTModel(transformers.MarianConfig.from_dict(config))
+        model.load_state_dict(hf_model("marian").state_dict(), strict=False)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+        model.eval().save_pretrained(tmp_path)
+    ours, _ = marian.load_hf_seq2seq(tmp_path)
+    assert ours.cfg.tie_embeddings is (layout == "every-copy-stored")
+    assert max_diff(ours, model) <= TOL
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -250,29 +250,30 @@ def seq2seq_config_from_hf(hf: dict[str, Any], where: str) -> tuple[Seq2SeqConfi
                       f"lmforge uses one vocabulary for source and target (vocab_size={vocab})")
     heads = (hf.get("encoder_attention_heads"), hf.get("decoder_attention_heads"))
     ffn = (hf.get("encoder_ffn_dim"), hf.get("decoder_ffn_dim"))
-    for name, pair in (("encoder/decoder_attention_heads", heads), ("encoder/decoder_ffn_dim", ffn)):
+    for name, pair in (("encoder/decoder_attention_heads", heads),
+                       ("encoder/decoder_ffn_dim", ffn)):
         if pair[0] != pair[1]:
             raise _refuse(where, name, pair, "lmforge's encoder and decoder share these sizes")
     tied = bool(hf.get("tie_word_embeddings", True)) and bool(
         hf.get("share_encoder_decoder_embeddings", True))
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise UserError(f"{where}: has no '{key}'; is it the config.json of an "
+                            "encoder-decoder?")
+        return hf[key]
+
     try:
         cfg = Seq2SeqConfig(
-            vocab_size=_need(hf, "vocab_size", where), block_size=_need(hf, "max_position_embeddings", where),
-            n_encoder_layer=_need(hf, "encoder_layers", where),
-            n_decoder_layer=_need(hf, "decoder_layers", where), n_head=_need(hf, "encoder_attention_heads", where),
-            n_embd=_need(hf, "d_model", where), intermediate_size=_need(hf, "encoder_ffn_dim", where),
+            vocab_size=need("vocab_size"), block_size=need("max_position_embeddings"),
+            n_encoder_layer=need("encoder_layers"), n_decoder_layer=need("decoder_layers"),
+            n_head=need("encoder_attention_heads"), n_embd=need("d_model"),
+            intermediate_size=need("encoder_ffn_dim"),
             norm=SEQ2SEQ_ARCHITECTURES[arch][1],  # type: ignore[arg-type]
             activation=_ACTIVATIONS[act],  # type: ignore[arg-type]
             tie_embeddings=tied, dropout=float(hf.get("dropout", 0.1)))
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
     return cfg, arch
-
-
-def _need(hf: dict[str, Any], key: str, where: str) -> Any:
-    if key not in hf:
-        raise UserError(f"{where}: has no '{key}'; is it the config.json of an encoder-decoder?")
-    return hf[key]
 
 
 def _sources(hf: dict[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -283,8 +284,8 @@ def _sources(hf: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     tie_out = bool(hf.get("tie_word_embeddings", True))
     enc = ("model.encoder.embed_tokens.weight", "model.shared.weight")
     dec = ("model.decoder.embed_tokens.weight", "model.shared.weight")
-    return {"shared.weight": ("model.shared.weight", *enc[:1]), "encoder.embed_tokens.weight": enc,
-            "decoder.embed_tokens.weight": dec,
+    return {"shared.weight": ("model.shared.weight", *enc[:1]),
+            "encoder.embed_tokens.weight": enc, "decoder.embed_tokens.weight": dec,
             "lm_head.weight": dec if tie_out else ("lm_head.weight",)}
 
 
@@ -309,6 +310,11 @@ def _load_weights(model: Seq2Seq, hf: dict[str, Any], weights: SafetensorsFolder
     """Copy every tensor in by name; UserError for a missing, misshapen or unused one."""
     hint = f"do {CONFIG_FILE} and the weights in {folder} belong together?"
     sources, used = _sources(hf), {_BIAS, *_POSITIONS}
+    if bool(hf.get("tie_word_embeddings", True)):
+        used.add("lm_head.weight")  # older files store the tied head too; transformers re-ties
+    if {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} <= set(
+            weights.files):
+        used.add("model.shared.weight")  # untied (v5: tie_word_embeddings=false): not computed with
     for key, t in model.state_dict().items():
         names = sources.get(key, (key if key == "lm_head.weight" else f"model.{key}",))
         name = next((n for n in names if n in weights.files), None)
