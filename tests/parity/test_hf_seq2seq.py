@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.cli import run  # noqa: E402
+from lmforge.cli import main, run  # noqa: E402
 from lmforge.config import UserError, load_yaml  # noqa: E402
 from lmforge.infer.seq2seq_generate import encode_sources, generate_seq2seq  # noqa: E402
 from lmforge.interop import marian  # noqa: E402
@@ -224,13 +224,18 @@ def test_configs_that_do_not_map_are_refused_in_one_line(change: dict[str, Any],
     assert "\n" not in message and message.startswith("x/config.json: ") and needle in message
 
 
-def test_import_refuses_an_output_bias_and_writes_nothing(tmp_path: Path) -> None:
+def test_import_refuses_an_output_bias_in_one_line_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = hf_model("marian")
     model.final_logits_bias.fill_(0.5)
     model.save_pretrained(tmp_path / "hf")
     write_tokenizer(tmp_path / "hf")
-    with pytest.raises(UserError, match="final_logits_bias is not zero"):
-        run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the CLI as a user meets it: exit 2, one line
+        main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "final_logits_bias is not zero" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "run").exists()
 
 
