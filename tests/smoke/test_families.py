@@ -246,10 +246,11 @@ def test_encoder_exports_get_a_model_card_from_their_run(mlm_run: Path, workdir:
         torch.set_num_threads(threads)
     cls_run = workdir / "runs" / "card-cls"
     for run, tag, lines in (
-            (mlm_run, "fill-mask", ["- objective: mlm", "- data: `prepared` (",
+            (mlm_run, "fill-mask", ["- objective: mlm", "- data: `prepared` (", "- batch: 8 x ",
                                     "AutoModelForMaskedLM", _card_metric(mlm_run)]),
             (cls_run, "text-classification", [f"classification fine-tune of `{mlm_run.name}`",
                                               "| labels | neg, pos |", "- data: `card.jsonl`",
+                                              "examples of up to 64 tokens",
                                               "AutoModelForSequenceClassification",
                                               "validation macro-F1"])):
         out = tmp_path / run.name

@@ -190,8 +190,9 @@ def _training(run_dir: Path, meta: dict[str, Any]) -> list[str]:
     train = opts.get("train") if isinstance(opts.get("train"), dict) else {}
     if train:
         # What one batch row is: a source/target pair, a labelled text, or a token window.
+        longest = run.get("max_len") or opts.get("max_len") or "block_size"
         row = ("source/target pairs" if run.get("objective") == "seq2seq" else
-               f"texts of up to {run.get('max_len')} tokens" if run.get("task") == "classify"
+               f"examples of up to {longest} tokens" if opts is not run  # a fine-tune
                else f"x {train.get('seq_len') or 'block_size'} tokens")
         lines.append(f"- batch: {train.get('batch_size')} {row} x "
                      f"{train.get('grad_accum', 1)} accumulation; seed {train.get('seed')}")
