@@ -269,14 +269,7 @@ def write_export(loaded: LoadedModel, out: Path, cfg: ExportConfig, console: Con
     params = loaded.model.num_params()  # before an exporter changes the model's dtype
     t0 = time.perf_counter()
     done = _exporters()[cfg.format](loaded, out, cfg)
-    console.print(f"load-back check ({done.reader}: {done.detail}; fp32): max |Δlogits| = "
-                  f"{done.diff:.2e} (tolerance {cfg.limit:g}; export and check took "
-                  f"{time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
-    for note in done.notes:
-        console.print(note, markup=False, soft_wrap=True)
-    if not done.diff <= cfg.limit:  # also catches NaN
-        raise UserError(f"{cfg.out}: {done.reader}'s logits differ from lmforge's "
-                        f"by {done.diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+    _report_check(cfg, console, done, t0)
     files = sorted([*(p.name for p in out.iterdir()), CARD_FILE])
     check = (f"max |Δlogits| = {done.diff:.2e} against lmforge in fp32, read back by "
              f"{done.reader} ({done.detail})")
@@ -353,15 +346,22 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_and_card(spec: RunSpec, cfg: ExportConfig, console: Console, out: Path,
-                    done: Exported, params: int, t0: float, repo: str | None) -> None:
-    """Print the load-back check, refuse an export beyond --tolerance, write the model card."""
+def _report_check(cfg: ExportConfig, console: Console, done: Exported, t0: float) -> None:
+    """Print the load-back check and the exporter's notes; refuse beyond --tolerance."""
     console.print(f"load-back check ({done.reader}: {done.detail}; fp32): max |Δlogits| = "
                   f"{done.diff:.2e} (tolerance {cfg.limit:g}; export and check took "
                   f"{time.perf_counter() - t0:.1f} s)", markup=False, soft_wrap=True)
+    for note in done.notes:
+        console.print(note, markup=False, soft_wrap=True)
     if not done.diff <= cfg.limit:  # also catches NaN
         raise UserError(f"{cfg.out}: {done.reader}'s logits differ from lmforge's "
                         f"by {done.diff:.2e} (> --tolerance {cfg.limit:g}); nothing was written")
+
+
+def _check_and_card(spec: RunSpec, cfg: ExportConfig, console: Console, out: Path,
+                    done: Exported, params: int, t0: float, repo: str | None) -> None:
+    """An encoder's or encoder-decoder's check (as ``_report_check``), then its model card."""
+    _report_check(cfg, console, done, t0)
     check = (f"max |Δlogits| = {done.diff:.2e} against lmforge in fp32, read back by "
              f"{done.reader} ({done.detail})")
     files = sorted([*(p.name for p in out.iterdir()), CARD_FILE])

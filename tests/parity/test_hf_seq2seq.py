@@ -265,3 +265,12 @@ def test_a_bfloat16_export_holds_our_weights_rounded(case: Case, tmp_path: Path)
     diff = max_diff(ours, theirs.eval())
     print(f"bf16 marian: max |Δlogits| = {diff:.2e}")
     assert diff <= 0.1  # the two compute in bf16 in different orders: bf16's 2^-8 of |logits|
+
+
+def test_an_export_beyond_the_tolerance_leaves_nothing(case: Case, tmp_path: Path) -> None:
+    if case.kind != "marian":
+        pytest.skip("one layout is enough: the check path is shared")
+    out = tmp_path / "strict"
+    with pytest.raises(UserError, match=r"differ from lmforge's by .* nothing was written"):
+        run(["export", "--run", str(case.run), "--tolerance", "1e-12", "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.iterdir())
