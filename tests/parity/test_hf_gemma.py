@@ -200,3 +200,67 @@ def test_a_gemma_mix_that_no_architecture_computes_is_refused() -> None:
                                                 embed_scale=False, sandwich_norm=False,
                                                 local_layers=None, query_pre_attn_scalar=None,
                                                 rope_local_theta=None, logit_softcap=3.0))
+
+
+# --------------------------------------------------------------------------- tokenizer, chat
+
+# Gemma's chat turns (its template without the system-role branch): "model" for the assistant.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def gemma_like_tokenizer() -> Any:
+    """A SentencePiece-style BPE as Gemma's tokenizer.json is (▁ for spaces, byte fallback),
+    with Gemma's special ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, turn markers 4 and 5."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(["what is the capital of france", "paris is the capital"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    return tok
+
+
+def test_gemma_tokenizer_end_of_turn_and_chat_template(tmp_path: Path) -> None:
+    """An instruct Gemma folder: its tokenizer encodes as before, <end_of_turn> is a stop id
+    (generation_config's list), and our template renderer writes what transformers' does."""
+    from lmforge.infer.chat import load_chat_template
+
+    tok = gemma_like_tokenizer()
+    t = transformers
+    torch.manual_seed(0)
+    hf = t.Gemma3ForCausalLM(t.Gemma3TextConfig(**{**BASE, "vocab_size": tok.get_vocab_size()},
+                                                num_hidden_layers=2))
+    hf.generation_config.eos_token_id = [1, 5]  # <eos>, <end_of_turn>, as gemma-3-*-it
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+         "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+    (src / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
+    assert run(["import", str(src), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_model(tmp_path / "run")
+    assert loaded.eos_ids == [1, 5] and loaded.bos_id == 2
+    text = "what is the capital of  café?"
+    assert loaded.tokenizer.encode(text).ids == tok.encode(text).ids
+    assert "<0xC3>" in tok.encode(text).tokens  # é went through the byte fallback
+    template = load_chat_template(tmp_path / "run")
+    assert template.stop == ("<end_of_turn>",)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "paris"},
+                {"role": "user", "content": "what is the capital?"}]
+    out = tmp_path / "export"
+    assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 5]
+    theirs = t.AutoTokenizer.from_pretrained(out)
+    want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert template.render(messages) == want
+    assert want.startswith("<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
+    assert theirs(text, add_special_tokens=False).input_ids == tok.encode(text).ids

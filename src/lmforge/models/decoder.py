@@ -389,8 +389,8 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | No
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = torch.tanh(scores / softcap) * softcap  # (B, H, T, S)
-    if attn_mask is None and is_causal:  # bottom-right aligned, as the cache paths need
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if attn_mask is None and is_causal:  # top-left, as SDPA (the decoder passes it if S == T)
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)

@@ -1,4 +1,4 @@
-"""Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2), a BERT (BertForMaskedLM,
+"""Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3, GPT-2), a BERT (BertForMaskedLM,
 BertForSequenceClassification) or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
