@@ -264,3 +264,65 @@ def test_gemma_tokenizer_end_of_turn_and_chat_template(tmp_path: Path) -> None:
     assert template.render(messages) == want
     assert want.startswith("<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
     assert theirs(text, add_special_tokens=False).input_ids == tok.encode(text).ids
+
+
+# --------------------------------------------------------------------------- config.json forms
+
+V4_GEMMA3 = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+             "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "head_dim": 32, "max_position_embeddings": 256, "sliding_window": 16,
+             "sliding_window_pattern": 4, "rope_theta": 1000000.0,
+             "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear",
+                                                               "factor": 8.0},
+             "query_pre_attn_scalar": 32, "final_logit_softcapping": None,
+             "attn_logit_softcapping": None}
+V4_GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": V,
+             "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "rope_theta": 10000.0, "sliding_window": 16, "query_pre_attn_scalar": 16}
+
+
+@pytest.mark.parametrize("hf", [V4_GEMMA2, V4_GEMMA3], ids=["gemma2", "gemma3"])
+def test_v4_config_json_reads_as_transformers_reads_it(hf: dict[str, Any]) -> None:
+    """Configs saved before transformers v5 (no layer_types; Gemma 3's rope_local_base_freq,
+    sliding_window_pattern and rope_scaling for the global layers only): our fields are what
+    transformers' own config class makes of the same dict."""
+    from lmforge.interop.hf import decoder_config_from_hf
+
+    cfg, _ = decoder_config_from_hf(hf, "config.json")
+    gemma3 = hf["model_type"] == "gemma3_text"
+    theirs = (transformers.Gemma3TextConfig if gemma3 else transformers.Gemma2Config)(
+        **{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    local = [i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention"]
+    assert cfg.local_layers == local and cfg.sliding_window == theirs.sliding_window
+    rope = theirs.rope_parameters
+    if gemma3:
+        assert cfg.rope_theta == rope["full_attention"]["rope_theta"]
+        assert cfg.rope_local_theta == rope["sliding_attention"]["rope_theta"]
+        assert (cfg.rope_scaling.type, cfg.rope_scaling.factor) == (
+            rope["full_attention"]["rope_type"], rope["full_attention"]["factor"])
+        assert rope["sliding_attention"]["rope_type"] == "default"
+    else:
+        assert (cfg.rope_theta, cfg.rope_scaling.type) == (rope["rope_theta"], "none")
+        assert (cfg.attn_softcap, cfg.logit_softcap) == (theirs.attn_logit_softcapping,
+                                                         theirs.final_logit_softcapping)
+    assert cfg.kv_heads == theirs.num_key_value_heads and cfg.block_size == \
+        theirs.max_position_embeddings
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"layer_types": ["sliding_attention"] * 3}, "layer_types"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "sliding_attention has rope_type linear"),
+])
+def test_unsupported_gemma_configs_are_one_line_errors(change: dict[str, Any],
+                                                       words: str) -> None:
+    from lmforge.interop.hf import decoder_config_from_hf
+
+    with pytest.raises(UserError, match=words) as err:
+        decoder_config_from_hf({**V4_GEMMA3, **change}, "config.json")
+    assert "\n" not in str(err.value) and str(err.value).startswith("config.json: ")

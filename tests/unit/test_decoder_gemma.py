@@ -188,3 +188,29 @@ def test_training_loss_sees_the_capped_logits() -> None:
 def test_config_errors_name_the_field(changes: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         dataclasses.replace(VARIANTS["gemma2"], **changes)  # type: ignore[arg-type]
+
+
+def test_lora_and_activation_checkpointing_find_gemma_layers() -> None:
+    """Gemma keeps the q/k/v/o and gate/up/down names: LoRA wraps them, merging gives the
+    same logits, and checkpointed blocks give the same loss gradient."""
+    from lmforge.models.lora import apply_lora, merge_lora
+    from lmforge.parallel import apply_ac
+
+    model = build(VARIANTS["gemma3"])
+    x = ids(2, 12, 10)
+    names = apply_lora(model, 4, 8.0, 0.0,
+                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"])
+    assert len(names) == 7 * 3
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        before = model(x)
+        assert torch.allclose(merge_lora(model)(x), before, atol=1e-5)
+    plain, checkpointed = build(VARIANTS["gemma3"]).train(), build(VARIANTS["gemma3"]).train()
+    apply_ac(checkpointed)
+    for m in (plain, checkpointed):
+        m(x).logsumexp(-1).sum().backward()
+    for (n, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
