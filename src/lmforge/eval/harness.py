@@ -169,7 +169,7 @@ def score_pairs(model: Decoder, pairs: list[Pair], batch_size: int,
 def _log_probs(model: Decoder, hidden: Tensor) -> Tensor:
     # The head on the scored positions only: (T, V) logits of a whole 8k-token window would
     # be gigabytes for a 49k vocabulary. The tests check this equals the full forward.
-    return model.lm_head(hidden).float().log_softmax(-1)  # (n, V)
+    return model.head(hidden).float().log_softmax(-1)  # (n, V)
 
 
 def greedy_until(model: Decoder, tokenizer: Tokenizer, prompt: list[int], until: list[str],

@@ -177,6 +177,15 @@ def _heads_of(ours: str, cfg: DecoderConfig, arch: str) -> int | None:
 def gguf_arch(cfg: DecoderConfig) -> str:
     """The llama.cpp architecture that computes what ``cfg`` does, or a UserError naming the
     field that none of llama, qwen2, qwen3, gpt2 has."""
+    if cfg.norm == "rmsnorm1p" or cfg.mlp == "geglu" or cfg.embed_scale or cfg.sandwich_norm:
+        raise UserError("model.norm: lmforge's GGUF export does not write Gemma (llama.cpp's "
+                        "gemma2/gemma3 architectures are not implemented here); export with "
+                        "--format hf or onnx")
+    for name in ("local_layers", "query_pre_attn_scalar", "attn_softcap", "logit_softcap",
+                 "rope_local_theta"):
+        if getattr(cfg, name) is not None:
+            raise UserError(f"model.{name}: none of llama.cpp's llama, qwen2, qwen3, gpt2 "
+                            f"architectures has {name}; export with --format hf or onnx")
     style = (cfg.pos, cfg.norm, cfg.mlp)
     if style == ("learned", "layernorm", "gelu"):
         for name, bad in (("bias", not cfg.bias), ("n_kv_head", cfg.kv_heads != cfg.n_head),

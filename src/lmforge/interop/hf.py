@@ -13,6 +13,11 @@ Phi3ForCausalLM        Llama's computation (optionally a window) with q/k/v fuse
                        ``qkv_proj`` and gate/up as ``gate_up_proj``: split on import, fused
                        on export (an import from Phi-3 exports as Phi-3 again)
 GPT2LMHeadModel        learned positions + layernorm + tanh-GELU MLP + biases
+Gemma2ForCausalLM      rope + Gemma's (1 + w) RMSNorm + GeGLU, embeddings times sqrt(hidden),
+                       sandwich norms, query_pre_attn_scalar, attention and final soft caps,
+                       a sliding window on alternate layers (``local_layers``)
+Gemma3ForCausalLM      Gemma 2 with q/k norms, no attention cap, 5 local : 1 global layers
+                       and a RoPE base of their own for the local ones (``rope_local_theta``)
 =====================  ==================================================================
 
 The rope families also carry ``head_dim`` (``head_size``) and ``rope_scaling`` of type
@@ -65,7 +70,11 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("mistral", "llama"),
     "Phi3ForCausalLM": ("phi3", "phi3"),
     "GPT2LMHeadModel": ("gpt2", "gpt2"),
+    "Gemma2ForCausalLM": ("gemma2", "gemma"),
+    "Gemma3ForCausalLM": ("gemma3_text", "gemma"),
 }
+# Architectures whose text model we could hold but whose folder is more than that.
+_TEXT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 # Values transformers assumes when config.json leaves a key out (its config-class defaults).
 _DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
@@ -75,6 +84,14 @@ _DEFAULTS = {
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
                 "tie_word_embeddings": False},
     "phi3": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "gemma2": {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+               "head_dim": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0,
+               "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True, "head_dim": 256, "num_key_value_heads": 4,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                    "final_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh"},
 }
 # Buffers some older files carry that hold nothing learned (causal masks, rotary frequencies).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -196,6 +213,84 @@ def _llama_like_config(hf: dict[str, Any], model_type: str, where: str) -> Decod
     )
 
 
+def _gemma_config(hf: dict[str, Any], model_type: str, where: str) -> DecoderConfig:
+    """Gemma 2 and Gemma 3 (text) configs -> DecoderConfig, as transformers' modeling reads them.
+
+    Gemma 3 ignores attn_logit_softcapping (its attention passes no cap), and so do we.
+    """
+    d = {**_DEFAULTS[model_type], **hf}
+    act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise UserError(f"{where}: hidden_activation '{act}' is not supported; lmforge's GeGLU "
+                        "uses the tanh GELU (gelu_pytorch_tanh)")
+    for key in ("use_bidirectional_attention", "attention_bias"):
+        if d.get(key):
+            raise UserError(f"{where}: {key}=true is not supported; lmforge imports causal LMs "
+                            "without biases")
+    c, heads = _need(d, "hidden_size", where), _need(d, "num_attention_heads", where)
+    n_layer = _need(d, "num_hidden_layers", where)
+    local = _gemma_local_layers(d, model_type, n_layer, where)
+    gemma3 = model_type == "gemma3_text"
+    if gemma3:
+        theta, scaling, local_theta = _gemma3_rope(d, where)
+    else:
+        (theta, scaling), local_theta = _rope(d, where), None
+    window = d.get("sliding_window") if local else None
+    kv, head_dim = d.get("num_key_value_heads") or heads, d.get("head_dim") or c // heads
+    return DecoderConfig(
+        vocab_size=_need(d, "vocab_size", where), block_size=d["max_position_embeddings"],
+        n_layer=n_layer, n_head=heads, n_kv_head=None if kv == heads else kv, n_embd=c,
+        intermediate_size=_need(d, "intermediate_size", where), norm="rmsnorm1p",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=theta, rope_scaling=scaling,
+        mlp="geglu", sliding_window=window,
+        local_layers=None if window is None or len(local) == n_layer else local,
+        head_size=None if head_dim * heads == c else head_dim, qk_norm=gemma3,
+        embed_scale=True, sandwich_norm=True,
+        query_pre_attn_scalar=float(d["query_pre_attn_scalar"]),
+        attn_softcap=None if gemma3 else d.get("attn_logit_softcapping"),
+        logit_softcap=d.get("final_logit_softcapping"),
+        rope_local_theta=local_theta if window is not None else None,
+        tie_embeddings=bool(d["tie_word_embeddings"]), dropout=0.0,
+        init_std=d.get("initializer_range", 0.02),
+    )
+
+
+def _gemma_local_layers(d: dict[str, Any], model_type: str, n_layer: int,
+                        where: str) -> list[int]:
+    """Indices of the sliding-window layers: ``layer_types``, else transformers' default
+    pattern (Gemma 2: every other layer from the first; Gemma 3: all but every 6th)."""
+    types = d.get("layer_types")
+    if types is None:
+        every = 2 if model_type == "gemma2" else int(d.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                 for i in range(n_layer)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != n_layer:
+        raise UserError(f"{where}: layer_types must name sliding_attention or full_attention "
+                        f"for each of the {n_layer} layers; got {types}")
+    return [i for i, t in enumerate(types) if t == "sliding_attention"]
+
+
+def _gemma3_rope(d: dict[str, Any], where: str) -> tuple[float, RopeScaling, float]:
+    """(global base, global scaling, local base) of a Gemma 3 config: transformers v5's
+    per-layer-type rope_parameters, or v4's rope_theta + rope_scaling + rope_local_base_freq."""
+    p = d.get("rope_parameters")
+    if isinstance(p, dict) and {"full_attention", "sliding_attention"} & p.keys():
+        full, local = dict(p.get("full_attention") or {}), dict(p.get("sliding_attention") or {})
+    else:
+        full = {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)}
+        local = {"rope_theta": d.get("rope_local_base_freq", 10000.0)}
+    full.setdefault("rope_theta", 1e6)  # Gemma3TextConfig.default_theta
+    local.setdefault("rope_theta", 10000.0)
+    size = {"max_position_embeddings": d["max_position_embeddings"]}
+    theta, scaling = _rope({"rope_parameters": full, **size}, where)
+    local_theta, local_scaling = _rope({"rope_parameters": local, **size}, where)
+    if local_scaling.type != "none":
+        raise UserError(f"{where}: rope_parameters.sliding_attention has rope_type "
+                        f"{local_scaling.type}; lmforge gives the local layers plain RoPE")
+    return theta, scaling, local_theta
+
+
 def _gpt2_config(hf: dict[str, Any], where: str) -> DecoderConfig:
     """GPT-2 config -> DecoderConfig (tanh GELU, learned positions, biases everywhere)."""
     act = hf.get("activation_function", "gelu_new")
@@ -221,6 +316,9 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str) -> tuple[DecoderConfi
     """(our config, architecture) for a Hugging Face config.json dict read from ``where``."""
     archs = hf.get("architectures") or []
     arch = archs[0] if len(archs) == 1 else None
+    if arch in _TEXT_ONLY:
+        raise UserError(f"{where}: {arch} (text and images) is not supported; lmforge imports "
+                        f"only the text model, a {_TEXT_ONLY[arch]} folder")
     if arch not in ARCHITECTURES:
         raise UserError(
             f"{where}: architecture {archs or hf.get('model_type')} is not supported; "
@@ -230,6 +328,8 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str) -> tuple[DecoderConfi
     try:
         if model_type == "gpt2":
             return _gpt2_config(hf, where), arch
+        if ARCHITECTURES[arch][1] == "gemma":
+            return _gemma_config(hf, model_type, where), arch
         return _llama_like_config(hf, model_type, where), arch
     except ConfigError as e:  # e.g. a head count that does not divide the width
         raise UserError(f"{where}: {e}") from None
@@ -241,6 +341,14 @@ def export_architecture(cfg: DecoderConfig, prefer: str | None = None) -> str:
     ``prefer`` (the architecture a run was imported from) wins where it computes the same:
     a Phi-3 import exports as Phi3ForCausalLM, not as the Llama it equals.
     """
+    if (cfg.norm, cfg.mlp) == ("rmsnorm1p", "geglu") or cfg.embed_scale or cfg.sandwich_norm:
+        return _gemma_architecture(cfg)
+    for name in ("local_layers", "query_pre_attn_scalar", "attn_softcap", "logit_softcap",
+                 "rope_local_theta"):
+        if getattr(cfg, name) is not None:
+            raise UserError(f"model.{name}: only the Gemma architectures have {name}, and "
+                            "this model is not a Gemma (norm rmsnorm1p, mlp geglu, embed_scale, "
+                            "sandwich_norm); use null to export")
     if (prefer == "Phi3ForCausalLM" and (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm",
                                                                          "swiglu")
             and not (cfg.bias or cfg.qkv_bias or cfg.qk_norm)):
@@ -277,6 +385,37 @@ def export_architecture(cfg: DecoderConfig, prefer: str | None = None) -> str:
     return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
 
 
+def _gemma_architecture(cfg: DecoderConfig) -> str:
+    """Gemma3ForCausalLM (q/k norms) or Gemma2ForCausalLM for a Gemma-style ``cfg``, or a
+    UserError naming the field neither has."""
+    for name, want in (("pos", "rope"), ("norm", "rmsnorm1p"), ("mlp", "geglu"),
+                       ("embed_scale", True), ("sandwich_norm", True), ("bias", False),
+                       ("qkv_bias", False)):
+        if getattr(cfg, name) != want:
+            raise UserError(f"model.{name}: the Gemma architectures need {name}={want} with "
+                            "the other Gemma fields (norm rmsnorm1p, mlp geglu, embed_scale, "
+                            f"sandwich_norm); got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"model.n_head: transformers' Gemma configs need n_head to divide "
+                        f"n_embd={cfg.n_embd}, got {cfg.n_head} (head_size may differ)")
+    has_local = any(cfg.window(i) is not None for i in range(cfg.n_layer))
+    own_local_rope = (cfg.rope_local_theta is not None and has_local
+                      and (cfg.rope_local_theta != cfg.rope_theta
+                           or cfg.rope_scaling.type != "none"))
+    if not cfg.qk_norm:
+        if own_local_rope:
+            raise UserError("model.rope_local_theta: Gemma2ForCausalLM has one RoPE for every "
+                            "layer (Gemma3ForCausalLM, with qk_norm, has a local one); use null")
+        return "Gemma2ForCausalLM"
+    if cfg.attn_softcap is not None:
+        raise UserError("model.attn_softcap: Gemma3ForCausalLM (q/k norms) does not cap "
+                        "attention scores and Gemma2ForCausalLM has no q/k norms; use null")
+    if cfg.rope_local_theta is None and has_local and cfg.rope_scaling.type != "none":
+        raise UserError("model.rope_local_theta: Gemma3ForCausalLM gives the sliding layers "
+                        "RoPE without rope_scaling; set rope_local_theta to export")
+    return "Gemma3ForCausalLM"
+
+
 def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | list[int] | None,
               prefer: str | None = None, pad_id: int | None = None) -> dict[str, Any]:
     """The config.json dict for ``cfg`` (v4-style keys, which transformers v4 and v5 both read).
@@ -294,6 +433,8 @@ def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | list[int] | 
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ffn_dim,
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    if ARCHITECTURES[arch][1] == "gemma":
+        return {**common, **_gemma_hf_config(cfg, arch)}
     out = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -307,6 +448,27 @@ def hf_config(cfg: DecoderConfig, bos_id: int | None, eos_id: int | list[int] | 
     else:  # Qwen2/3: max_window_layers=0 makes every layer slide when the window is on
         out.update(use_sliding_window=cfg.sliding_window is not None,
                    sliding_window=cfg.sliding_window, max_window_layers=0)
+    return out
+
+
+def _gemma_hf_config(cfg: DecoderConfig, arch: str) -> dict[str, Any]:
+    """The Gemma 2/3 keys of config.json (v4 names, which v5 converts on load)."""
+    qpas = cfg.head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar
+    out = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+           "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": cfg.block_size,
+           "rms_norm_eps": cfg.norm_eps, "attention_bias": False, "attention_dropout": 0.0,
+           # transformers types it int: write 256, not 256.0, when it is whole
+           "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
+           "sliding_window": cfg.sliding_window,
+           "layer_types": ["full_attention" if cfg.window(i) is None else "sliding_attention"
+                           for i in range(cfg.n_layer)],
+           "final_logit_softcapping": cfg.logit_softcap,
+           "attn_logit_softcapping": cfg.attn_softcap,
+           "rope_theta": cfg.rope_theta, "rope_scaling": hf_rope_scaling(cfg)}
+    if arch == "Gemma3ForCausalLM":
+        out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
     return out
 
 
@@ -352,6 +514,10 @@ _GPT2_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe",
                "fc_in": "c_fc", "fc_out": "c_proj", "norm_f": "transformer.ln_f"}
 _PHI3_NAMES = {**_LLAMA_NAMES, "q_proj": "qkv_proj", "k_proj": "qkv_proj",
                "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# Gemma's sandwich: post_attention_layernorm is the attention output's norm, not the MLP's input.
+_GEMMA_NAMES = {**_LLAMA_NAMES, "attn_post_norm": "post_attention_layernorm",
+                "mlp_norm": "pre_feedforward_layernorm",
+                "mlp_post_norm": "post_feedforward_layernorm"}
 # Order of our tensors inside a fused one: cat(q, k, v) and cat(gate, up) along dim 0.
 _FUSED_ORDER = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
 
@@ -359,7 +525,8 @@ _FUSED_ORDER = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj"
 def weight_links(model: Decoder, arch: str) -> list[Link]:
     """One link per tensor of ``model`` (a tied head is the embedding's; it has none)."""
     family = ARCHITECTURES[arch][1]
-    names = {"gpt2": _GPT2_NAMES, "phi3": _PHI3_NAMES}.get(family, _LLAMA_NAMES)
+    names = {"gpt2": _GPT2_NAMES, "phi3": _PHI3_NAMES, "gemma": _GEMMA_NAMES}.get(family,
+                                                                                _LLAMA_NAMES)
     state = model.state_dict()
     groups: dict[str, list[str]] = {}
     for key in state:

@@ -8,7 +8,10 @@ The family differences are config fields, not subclasses:
 GPT-2 = LayerNorm + learned positions + GELU MLP + biases; Llama = RMSNorm + RoPE + SwiGLU,
 no biases, optional grouped-query attention (``n_kv_head < n_head``). Small fields cover
 the Llama relatives: Qwen2 (``qkv_bias``), Mistral (``sliding_window``), Qwen3 (``qk_norm``,
-``head_size``) and Llama 3.1+ long context (``rope_scaling``).
+``head_size``) and Llama 3.1+ long context (``rope_scaling``). Gemma 2/3 are the same
+computation with Gemma's fields set: ``norm`` rmsnorm1p, ``mlp`` geglu, ``embed_scale``,
+``sandwich_norm``, ``query_pre_attn_scalar``, the soft caps, a window on ``local_layers`` only
+and (Gemma 3) ``rope_local_theta`` for those layers.
 
 Shapes: B batch, T new tokens, S attended positions (cache length + T), C = n_embd,
 H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 import torch
@@ -90,8 +94,8 @@ class DecoderConfig:
     """Width of the residual stream."""
     intermediate_size: int | None = None
     """Hidden width of the MLP; null = 4*n_embd for gelu, for swiglu int(8/3*n_embd) rounded up to a multiple of 64 (Llama rounds to 256)."""
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    """Normalization layer: layernorm (GPT-2) or rmsnorm (Llama)."""
+    norm: Literal["layernorm", "rmsnorm", "rmsnorm1p"] = "rmsnorm"
+    """Normalization layer: layernorm (GPT-2), rmsnorm (Llama) or rmsnorm1p (Gemma: scale 1 + weight, in fp32)."""
     norm_eps: float = 1e-5
     """Epsilon added inside the norm for numerical safety."""
     pos: Literal["learned", "sinusoidal", "rope"] = "rope"
@@ -100,18 +104,32 @@ class DecoderConfig:
     """RoPE base frequency (only used when pos = rope)."""
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     """Longer-context RoPE (only used when pos = rope): type none, linear, llama3 or yarn."""
-    mlp: Literal["gelu", "swiglu"] = "swiglu"
-    """MLP type: gelu (GPT-2, two matrices) or swiglu (Llama, three matrices)."""
+    mlp: Literal["gelu", "swiglu", "geglu"] = "swiglu"
+    """MLP type: gelu (GPT-2, two matrices), swiglu (Llama, three matrices) or geglu (Gemma: swiglu's matrices, tanh-GELU gate)."""
     bias: bool = False
     """Add biases to linear layers and LayerNorm (GPT-2 style)."""
     qkv_bias: bool = False
     """Add biases to the q/k/v projections only (Qwen2 style); implied by bias."""
     sliding_window: int | None = None
     """Each token attends to itself and the sliding_window-1 tokens before it (Mistral); null = all."""
+    local_layers: list[int] | None = None
+    """Layers (0-based) that use sliding_window, the others attend to all; null = every layer (Gemma 2: even layers, Gemma 3: 5 of every 6)."""
     head_size: int | None = None
     """Width of one attention head; null = n_embd / n_head. Qwen3 sets it (HF's head_dim)."""
     qk_norm: bool = False
     """Normalize each head's queries and keys (the configured norm over head_dim) before RoPE (Qwen3)."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(n_embd), rounded to the weights' dtype (Gemma)."""
+    sandwich_norm: bool = False
+    """Also normalize the attention and MLP outputs before each residual add (Gemma 2/3)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); null = head_dim**-0.5."""
+    attn_softcap: float | None = None
+    """Cap attention scores s to cap*tanh(s/cap) before the mask (Gemma 2); null = no cap."""
+    logit_softcap: float | None = None
+    """Cap the output logits z to cap*tanh(z/cap) (Gemma 2, some Gemma 3); null = no cap."""
+    rope_local_theta: float | None = None
+    """RoPE base of the local_layers, which then get no rope_scaling (Gemma 3's rope_local_base_freq); null = the same RoPE in every layer."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output head (saves vocab_size*n_embd parameters)."""
     dropout: float = 0.0
@@ -123,13 +141,20 @@ class DecoderConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        for name in ("intermediate_size", "n_kv_head", "sliding_window", "head_size"):
+        for name in ("intermediate_size", "n_kv_head", "sliding_window", "head_size",
+                     "query_pre_attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be positive or null, got {value}")
-        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm", "rmsnorm1p"))
         _check_choice("pos", self.pos, ("learned", "sinusoidal", "rope"))
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "geglu"))
+        bad = [i for i in self.local_layers or [] if not 0 <= i < self.n_layer]
+        if bad:
+            raise ConfigError(f"local_layers: layer {bad[0]} does not exist; use indices "
+                              f"0..{self.n_layer - 1}")
+        if self.rope_local_theta is not None and self.pos != "rope":
+            raise ConfigError(f"rope_local_theta: needs pos = rope, got pos = {self.pos}")
         if self.head_size is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_head: {self.n_head} does not divide n_embd={self.n_embd}; "
@@ -158,6 +183,12 @@ class DecoderConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: it attends to every earlier token)."""
+        if self.local_layers is None or layer in self.local_layers:
+            return self.sliding_window
+        return None
+
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
@@ -178,6 +209,7 @@ class DecoderConfig:
         # SwiGLU has 3 matrices instead of 2, so 2/3 of 4*C keeps the parameter count of a
         # GELU MLP (Shazeer 2020). Llama rounds up to a multiple of 256 (11008 for C=4096);
         # 64 keeps tiny models near 8/3*C (C=128: 384, not 512) and still aligns matmuls.
+        # GeGLU (Gemma) has SwiGLU's three matrices: the same default.
         return _round_up(int(8 * self.n_embd / 3), 64)
 
 
@@ -201,11 +233,11 @@ def count_params(cfg: DecoderConfig) -> int:
     attn = (c * q + qb * q) + (q * c + b * c) + (c * kv + qb * kv) * 2  # q, o, then k and v
     if cfg.qk_norm:
         attn += 2 * d * norm_params
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in ("swiglu", "geglu"):
         mlp = 2 * (c * f + b * f) + (f * c + b * c)
     else:
         mlp = (c * f + b * f) + (f * c + b * c)
-    per_block = 2 * norm + attn + mlp
+    per_block = (4 if cfg.sandwich_norm else 2) * norm + attn + mlp
     emb = v * c + (cfg.block_size * c if cfg.pos == "learned" else 0)
     head = 0 if cfg.tie_embeddings else v * c
     return emb + cfg.n_layer * per_block + norm + head
@@ -214,9 +246,30 @@ def count_params(cfg: DecoderConfig) -> int:
 # --------------------------------------------------------------------------- components
 
 
+class RMSNorm1p(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), computed in fp32, then cast back.
+
+    The weight is stored as the offset from 1 (zero-initialized), as Gemma checkpoints hold it;
+    Gemma multiplies before the cast, where Llama casts first (transformers PR 29402).
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., dim) -> (..., dim) in x's dtype."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
 def make_norm(cfg: DecoderConfig, dim: int | None = None) -> nn.Module:
     """The configured normalization over the last dimension (``dim`` wide, default n_embd)."""
     dim = cfg.n_embd if dim is None else dim
+    if cfg.norm == "rmsnorm1p":
+        return RMSNorm1p(dim, eps=cfg.norm_eps)
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
@@ -321,6 +374,29 @@ def sinusoid_table(cfg: DecoderConfig, device: torch.device) -> Tensor:
 Cache = KVCache | RowKVCache
 
 
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                         dropout_p: float = 0.0, is_causal: bool = False,
+                         scale: float | None = None, enable_gqa: bool = False, *,
+                         softcap: float) -> Tensor:
+    """``F.scaled_dot_product_attention`` with Gemma 2's soft cap on the scores (B, H, T, S):
+    softmax(cap * tanh(q k^T * scale / cap) + mask) v, softmax in fp32.
+
+    SDPA's fused kernels take no cap, so this is written out in the order of transformers'
+    eager Gemma 2 attention (the one it uses: it refuses SDPA for a cap), which keeps parity.
+    """
+    H, G, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if enable_gqa and G != H:
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap  # (B, H, T, S)
+    if attn_mask is None and is_causal:  # top-left, as SDPA (the decoder passes it if S == T)
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, dropout_p) @ v  # (B, H, T, D)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with separate q/k/v projections and grouped KV heads."""
 
@@ -337,6 +413,12 @@ class Attention(nn.Module):
             self.q_norm = make_norm(cfg, cfg.head_dim)
             self.k_norm = make_norm(cfg, cfg.head_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.window = cfg.window(layer)  # Gemma: only some layers slide
+        qpas = cfg.query_pre_attn_scalar
+        self.scale = None if qpas is None else qpas**-0.5  # None: SDPA's 1/sqrt(head_dim)
+        self.attend: Callable[..., Tensor] = F.scaled_dot_product_attention
+        if cfg.attn_softcap is not None:
+            self.attend = partial(softcapped_attention, softcap=cfg.attn_softcap)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
@@ -364,11 +446,11 @@ class Attention(nn.Module):
             assert input_pos is not None and mask is not None
             k, v = cache.update(self.layer, k, v, input_pos)  # (B, G, max_len, D)
         elif cache is not None:
-            mask = cache.attn_mask(T, self.cfg.sliding_window, x.device)
+            mask = cache.attn_mask(T, self.window, x.device)
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
         elif mask is None:
-            mask = causal_mask(T, 0, self.cfg.sliding_window, x.device)
-        y = F.scaled_dot_product_attention(
+            mask = causal_mask(T, 0, self.window, x.device)
+        y = self.attend(
             q,
             k,
             v,
@@ -379,6 +461,7 @@ class Attention(nn.Module):
             # torch 2.13, B16 T256: identical output, SDPA fwd+bwd 12-20% faster, llama-1m
             # training step ~2% and 1-token decode ~8% faster. Needs torch>=2.5.
             enable_gqa=G != H,
+            scale=self.scale,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D), or H*D/tp per TP rank
         return self.resid_drop(self.o_proj(y))
@@ -410,11 +493,12 @@ def segment_mask(segments: Tensor, window: int | None) -> Tensor:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Llama, Shazeer 2020)."""
+    """Position-wise feed-forward: GELU (GPT-2), SwiGLU (Llama) or GeGLU (Gemma; Shazeer 2020)."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = cfg.mlp in ("swiglu", "geglu")  # the same three matrices
+        self.geglu = cfg.mlp == "geglu"
         c, f = cfg.n_embd, cfg.ffn_dim
         if self.swiglu:
             self.gate_proj = nn.Linear(c, f, bias=cfg.bias)
@@ -427,6 +511,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
+        if self.geglu:  # Gemma: the tanh GELU ("gelu_pytorch_tanh") gates
+            gate = F.gelu(self.gate_proj(x), approximate="tanh")
+            return self.drop(self.down_proj(gate * self.up_proj(x)))
         if self.swiglu:
             return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
         # tanh-approximate GELU, because it is what GPT-2 was trained with ("gelu_new" in HF);
@@ -435,20 +522,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Llama)."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Llama).
+
+    With ``sandwich_norm`` (Gemma 2/3) each branch's output is normalized too before the add.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
+        self.sandwich = cfg.sandwich_norm
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
+        if self.sandwich:
+            self.attn_post_norm = make_norm(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        if self.sandwich:
+            self.mlp_post_norm = make_norm(cfg)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None,
         mask: Tensor | None = None, input_pos: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
+        if self.sandwich:
+            x = x + self.attn_post_norm(self.attn(self.attn_norm(x), rope, cache, mask, input_pos))
+            return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), rope, cache, mask, input_pos)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -485,6 +583,9 @@ class Decoder(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         self.register_buffer("pos_table", None, persistent=False)
+        self.register_buffer("rope_local_cos", None, persistent=False)  # Gemma 3's local layers
+        self.register_buffer("rope_local_sin", None, persistent=False)
+        self.windows = tuple({cfg.window(i): None for i in range(cfg.n_layer)})  # distinct
         self.init_weights()
 
     def init_buffers(self) -> None:
@@ -492,6 +593,10 @@ class Decoder(nn.Module):
         device = self.tok_emb.weight.device
         if self.cfg.pos == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.cfg, device)
+            if self.cfg.rope_local_theta is not None:
+                local = replace(self.cfg, rope_theta=self.cfg.rope_local_theta,
+                                rope_scaling=RopeScaling())
+                self.rope_local_cos, self.rope_local_sin = rope_tables(local, device)
         elif self.cfg.pos == "sinusoidal":
             self.pos_table = sinusoid_table(self.cfg, device)
 
@@ -538,6 +643,8 @@ class Decoder(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std, generator)
+        elif isinstance(module, RMSNorm1p):
+            nn.init.zeros_(module.weight)  # stored as the offset from a unit scale
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -578,7 +685,7 @@ class Decoder(nn.Module):
         it goes through ``forward`` so DDP's hooks run.
         """
         B, T = idx.shape
-        mask = None
+        masks: dict[int | None, Tensor] = {}  # per sliding window (one unless Gemma)
         pos: slice | Tensor
         if isinstance(cache, KVCache):
             if input_pos is None:  # continue where the cache ends, and count the tokens
@@ -587,7 +694,8 @@ class Decoder(nn.Module):
                 cache.advance(T)
             elif cache.batch not in (B, -1):  # -1: a PastKVCache takes any batch
                 raise ValueError(f"batch {B} does not match the KV cache batch {cache.batch}")
-            pos, mask = input_pos, cache.mask(input_pos, self.cfg.sliding_window)  # (T, S)
+            pos = input_pos
+            masks = {w: cache.mask(input_pos, w) for w in self.windows}  # (T, S) each
         else:
             self._check_length(B, T, cache)
             # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
@@ -596,8 +704,10 @@ class Decoder(nn.Module):
             if cache is not None:
                 raise ValueError("segments: packed rows are for training, not with a KV cache")
             pos = segment_positions(segments)  # (B, T)
-            mask = segment_mask(segments, self.cfg.sliding_window)  # (B, 1, T, T)
+            masks = {w: segment_mask(segments, w) for w in self.windows}  # (B, 1, T, T) each
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.cfg.embed_scale:  # sqrt(C) rounded to the dtype first, as Gemma does
+            x = x * torch.tensor(self.cfg.n_embd**0.5).to(x.dtype)
         if self.cfg.pos == "learned":
             x = x + self.pos_emb.weight[pos]  # (T, C) or (B, T, C)
         elif self.cfg.pos == "sinusoidal":
@@ -607,15 +717,28 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D) or (B, T, D)
             if isinstance(pos, Tensor) and pos.dim() == 2:
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, D): one row per sequence
+        local = rope
+        if self.rope_local_cos is not None:  # Gemma 3: the sliding layers' own RoPE base
+            local = (self.rope_local_cos[pos], self.rope_local_sin[pos])  # (T, D) or (B, T, D)
+            if isinstance(pos, Tensor) and pos.dim() == 2:
+                local = (local[0][:, None], local[1][:, None])  # (B, 1, T, D)
         x = self.emb_drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache, mask, input_pos)
+            window = block.attn.window
+            block_rope = rope if window is None else local
+            x = block(x, block_rope, cache, masks.get(window), input_pos)
         if cache is not None and not isinstance(cache, KVCache):
             cache.advance(T)
         if last:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm_f(x)  # (B, T, C)
-        return x if hidden else self.lm_head(x)  # (B, T, V)
+        return x if hidden else self.head(x)  # (B, T, V)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits (..., V) of final normed hidden states (..., C): lm_head, then Gemma's cap."""
+        logits = self.lm_head(x)
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _check_length(self, B: int, T: int, cache: Cache | None) -> None:
         end = T if cache is None else cache.end(T)

@@ -171,7 +171,7 @@ class RowKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self._span: tuple[int, int] | None = None  # per-forward memos, the same for every layer
-        self._mask: Tensor | None = None
+        self._mask: dict[int | None, Tensor] = {}  # per sliding window (Gemma: two)
 
     def rows(self, start: int, stop: int) -> RowKVCache:
         """A view of rows [start, stop); writes through it land in this cache."""
@@ -179,7 +179,7 @@ class RowKVCache:
         view.max_len = self.max_len
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
         view.lengths = self.lengths[start:stop]  # a view too: advance() updates ours in place
-        view._span, view._mask = None, None
+        view._span, view._mask = None, {}
         return view
 
     @property
@@ -225,14 +225,14 @@ class RowKVCache:
         lo, hi = self.span()
         if lo == hi:
             return causal_mask(T, lo, window, device)
-        if self._mask is None:
+        if window not in self._mask:
             i = self.positions(T)[:, :, None]  # (B, T, 1) absolute query positions
             j = torch.arange(hi + T, device=device)[None, None, :]  # (1, 1, S)
             mask = j <= i
             if window is not None:
                 mask &= j > i - window
-            self._mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
-        return self._mask
+            self._mask[window] = mask[:, None]  # (B, 1, T, S), broadcast over heads
+        return self._mask[window]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write new k, v (B, G, T, D) at each row's positions; return (B, G, S, D) so far."""
@@ -256,4 +256,4 @@ class RowKVCache:
     def advance(self, T: int) -> None:
         """Count the T tokens every layer has just written, in every row."""
         self.lengths += T
-        self._span, self._mask = None, None
+        self._span, self._mask = None, {}

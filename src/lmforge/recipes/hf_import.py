@@ -1,6 +1,6 @@
-"""Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2), a BERT (BertForMaskedLM,
-BertForSequenceClassification), an encoder-decoder (MarianMTModel, PegasusForConditionalGeneration)
-or a GGUF file as a run folder.
+"""Import a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3, GPT-2), a
+BERT (BertForMaskedLM, BertForSequenceClassification), an encoder-decoder (MarianMTModel,
+PegasusForConditionalGeneration) or a GGUF file as a run folder.
 
 SRC is a local model folder (config.json, safetensors weights, tokenizer files), a Hub name
 (when online), or a llama.cpp .gguf file (llama, qwen2, qwen3 or gpt2 architecture; F32, F16, BF16,

@@ -95,6 +95,8 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     head = getattr(inner, "lm_head", None) if isinstance(inner, Decoder) else None
     if type(head) is not nn.Linear or head.bias is not None:
         return None
+    if isinstance(inner, Decoder) and inner.cfg.logit_softcap is not None:  # Gemma's cap
+        return None
     from torch.distributed.tensor import DTensor
 
     return None if isinstance(head.weight, DTensor) else head
