@@ -141,6 +141,10 @@ def test_export_loads_cleanly_in_transformers_and_matches(case: Case, tmp_path: 
         out, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     assert type(theirs).__name__ == ARCH[case.family]
+    local = case.model.cfg.local_layers
+    assert local is not None
+    card_row = f"| sliding window | {WINDOW} on {len(local)} of {case.model.cfg.n_layer} layers |"
+    assert card_row in (out / "README.md").read_text()
     for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "rope_parameters",
                 "final_logit_softcapping"):
         assert getattr(theirs.config, key) == getattr(case.hf.config, key), key

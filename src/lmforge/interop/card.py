@@ -133,7 +133,9 @@ def _decoder_rows(cfg: DecoderConfig, params: int) -> list[tuple[str, Any]]:
     if cfg.pos == "rope":
         rows.append(("RoPE base", f"{cfg.rope_theta:g}"))
     if cfg.sliding_window is not None:
-        rows.append(("sliding window", cfg.sliding_window))
+        where = ("" if cfg.local_layers is None
+                 else f" on {len(cfg.local_layers)} of {cfg.n_layer} layers")
+        rows.append(("sliding window", f"{cfg.sliding_window}{where}"))
     if cfg.bias or cfg.qkv_bias:
         rows.append(("biases", "all linear layers" if cfg.bias else "q/k/v only"))
     return rows
