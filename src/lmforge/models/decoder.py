@@ -588,6 +588,11 @@ class Decoder(nn.Module):
             elif cache.batch not in (B, -1):  # -1: a PastKVCache takes any batch
                 raise ValueError(f"batch {B} does not match the KV cache batch {cache.batch}")
             pos, mask = input_pos, cache.mask(input_pos, self.cfg.sliding_window)  # (T, S)
+            # SDPA turns a bool mask into an additive one in every layer (a `where` per call);
+            # once per forward is enough: 1-token SDPA 62 -> 40 us (llama-6m, 1 CPU thread).
+            dtype = self.tok_emb.weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))  # (T, S): 0 where seen, -inf where not
         else:
             self._check_length(B, T, cache)
             # A slice of T positions shared by all rows, or (B, T) when rows differ (RowKVCache).
