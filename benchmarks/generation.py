@@ -185,10 +185,11 @@ def smollm2(root: Path) -> Decoder | None:
     return load_model(root / "smollm2").model
 
 
-def timed(f: Generate, prompt: list[int], n: int) -> float:
-    start = time.perf_counter()
+def timed(f: Generate, prompt: list[int], n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     f(prompt, n)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def decode_section(rounds: int, new_tokens: int, with_smollm2: bool) -> Section:
@@ -197,9 +198,11 @@ def decode_section(rounds: int, new_tokens: int, with_smollm2: bool) -> Section:
         "Batch-1 greedy decoding and prefill (CPU, fp32)",
         f"{PROMPT_LEN}-token prompt, {new_tokens} new tokens (decode = tokens after the first / "
         f"their time); prefill = a {PREFILL_LEN}-token prompt to its first token; median of "
-        f"{rounds} alternating rounds.",
-        ["model", "implementation", "decode tokens/s", "vs transformers", "prefill tokens/s",
-         "vs transformers", "same tokens"])
+        f"{rounds} alternating rounds. \"per CPU-s\" divides by this process's CPU time instead "
+        "of wall time: on a shared machine other processes steal wall time from whichever "
+        "contender happens to run.",
+        ["model", "implementation", "decode tokens/s", "vs transformers", "per CPU-s",
+         "prefill tokens/s", "vs transformers", "per CPU-s", "same tokens"])
     with tempfile.TemporaryDirectory() as tmp:
         models = [(name, build(name)) for name in PRESETS]
         if with_smollm2:
@@ -220,24 +223,38 @@ def _measure(section: Section, name: str, model: Decoder, rounds: int, new_token
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist()
     long = torch.randint(0, model.cfg.vocab_size, (PREFILL_LEN,), generator=g).tolist()
-    outputs = {k: f(prompt, new_tokens) for k, f in impls.items()}  # warm-up (compile), tokens
+    outputs, warm_up = {}, {}
+    for k, f in impls.items():  # warm-up (compile), tokens
+        start = time.perf_counter()
+        outputs[k] = f(prompt, new_tokens)
+        warm_up[k] = time.perf_counter() - start
+    section.notes.append(
+        f"{name}: the first compiled generation (compile included) took "
+        f"{warm_up['lmforge generate, compiled']:.1f} s, the first eager one "
+        f"{warm_up['lmforge generate']:.1f} s (load average {load_average()}).")
     for f in impls.values():
         f(long, 1)
-    whole: dict[str, list[float]] = {k: [] for k in impls}
-    first: dict[str, list[float]] = {k: [] for k in impls}
-    ttft: dict[str, list[float]] = {k: [] for k in impls}
+    whole: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
+    first: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
+    ttft: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
     for r in range(rounds):
         for k in (list(impls) if r % 2 == 0 else list(reversed(impls))):
             whole[k].append(timed(impls[k], prompt, new_tokens))
             first[k].append(timed(impls[k], prompt, 1))
             ttft[k].append(timed(impls[k], long, 1))
-    decode = {k: (new_tokens - 1) / max(median(whole[k]) - median(first[k]), 1e-9)
-              for k in impls}
-    pre = {k: PREFILL_LEN / median(ttft[k]) for k in impls}
+
+    def rates(clock: int) -> tuple[dict[str, float], dict[str, float]]:  # 0 wall, 1 CPU
+        def med(xs: list[tuple[float, float]]) -> float:
+            return median([x[clock] for x in xs])
+        decode = {k: (new_tokens - 1) / max(med(whole[k]) - med(first[k]), 1e-9) for k in impls}
+        return decode, {k: PREFILL_LEN / med(ttft[k]) for k in impls}
+
+    (decode, pre), (decode_cpu, pre_cpu) = rates(0), rates(1)
     ref = "transformers generate"
     for k in impls:
         section.rows.append([name, k, f"{decode[k]:,.0f}", f"{decode[k] / decode[ref]:.2f}x",
-                             f"{pre[k]:,.0f}", f"{pre[k] / pre[ref]:.2f}x",
+                             f"{decode_cpu[k] / decode_cpu[ref]:.2f}x", f"{pre[k]:,.0f}",
+                             f"{pre[k] / pre[ref]:.2f}x", f"{pre_cpu[k] / pre_cpu[ref]:.2f}x",
                              "-" if k.startswith(FLOOR) else
                              "yes" if outputs[k] == outputs[ref] else "no"])
 
