@@ -195,6 +195,8 @@ def test_decode_layout_keeps_logits_tokens_and_state_dict(kw: dict[str, object])
     got, _ = run(generate(model, prompt, 12, temperature=0.0))
     assert got == run(generate(plain, prompt, 12, temperature=0.0))[0]
     assert decode_layout(model) == 0  # done already
+    model(torch.tensor([prompt])).logsumexp(-1).mean().backward()  # still trainable
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
 
 
 def test_decode_layout_leaves_bf16_weights_alone() -> None:

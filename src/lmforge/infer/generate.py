@@ -36,10 +36,10 @@ def decode_layout(model: nn.Module) -> int:
     The weight keeps its shape, values and Parameter (state dict, optimizer and tied head are
     untouched); only its strides change, to those of ``weight.t().contiguous().t()``. MKL's
     fp32 matrix-vector product reads that layout faster: all weight matmuls of one llama-6m
-    token took 4.7 ms instead of 5.75 (1 thread; see benchmarks/generation.py's floor rows).
+    token took 5.07 ms of CPU instead of 6.20 (1 thread; benchmarks/RESULTS.md, Generation).
     bf16 goes the other way (oneDNN: 2.3 -> 12.9 ms), and other devices pick their own
     kernels, so only fp32 on the CPU changes. Results may differ in the last bits (another
-    summation order). Training afterwards works, on the slower layout for its backward.
+    summation order). Training afterwards still works: only strides changed.
     """
     changed = 0
     for module in model.modules():
