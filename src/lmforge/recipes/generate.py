@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from lmforge.config import ConfigError, UserError
+from lmforge.infer.generate import decode_layout
 from lmforge.infer.text import stream_text
 from lmforge.run import Placement, load_model
 
@@ -63,6 +64,9 @@ def main(cfg: Config) -> int:
                         "decoding needs a draft trained with the same tokenizer")
     if draft is not None and cfg.compile:
         raise ConfigError("compile: applies to plain decoding; leave it off with --draft")
+    decode_layout(loaded.model)  # last, after anything that replaces weights
+    if draft is not None:
+        decode_layout(draft.model)
     console.print(cfg.prompt, end="", style="bold", markup=False)
     stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,
