@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                  # everything (~10-15 minutes on 2 CPU cores)
     python benchmarks/run.py --only train     # one part: train, data, memory, qlora, preference
+    python benchmarks/run.py --only quant     # --quant on SmolLM2-135M (not in the default run)
 
 Benchmarks are never part of `make test`: timing lives here, as ratios against a peer
 measured in the same run, with the absolute numbers beside them. The machine, the date, the
@@ -60,8 +61,13 @@ def parts() -> dict[str, Callable[[], Section]]:
 
         return preference_memory.run()
 
+    def quant() -> Section:
+        import quant_memory
+
+        return quant_memory.run()
+
     return {"train": train, "data": data, "memory": memory, "qlora": qlora,
-            "preference": preference}
+            "preference": preference, "quant": quant}
 
 
 def render(sections: list[Section], facts: dict[str, str], started: str, load: tuple[str, str],
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts and write RESULTS.md (or --out)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="train,data,memory,qlora,preference",
-                    help="comma-separated parts: train, data, memory, qlora, preference")
+                    help="comma-separated parts: train, data, memory, qlora, preference, quant")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
     table = parts()

@@ -34,7 +34,6 @@ from lmforge.data.classify import classify_batch, classify_ids
 from lmforge.data.mlm import PAD_TOKEN, MlmVocab
 from lmforge.infer.chat import ChatTemplate, load_chat_template, stop_token_ids
 from lmforge.infer.engine import Engine, SamplingParams
-from lmforge.infer.quant import quantize
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
 from lmforge.run import LoadedModel, load_run
@@ -262,7 +261,7 @@ class Classifier:
 
 def load(run: str | Path, *, template: str | None = None, device: str = "auto",
          dtype: str = "auto", max_batch: int = 4, max_len: int | None = None,
-         quant: str | None = None) -> LM | EncoderLM | Classifier:
+         quant: str | None = "none") -> LM | EncoderLM | Classifier:
     """Load a run folder (its latest checkpoint) or a checkpoint folder for inference.
 
     A decoder run gives an ``LM``; an encoder (``--objective mlm``) run an ``EncoderLM``; a
@@ -270,11 +269,12 @@ def load(run: str | Path, *, template: str | None = None, device: str = "auto",
     ``template`` names the chat template (``chatml`` or a .jinja file) when the run has none.
     ``max_batch`` prompts generate at once, each in ``max_len`` positions (default: the
     model's context; lower it for long-context models, the KV cache is preallocated).
-    ``quant`` ("int8", "int8-dynamic", "int4") quantizes a decoder's linear layers (CPU).
+    ``quant`` ("int8", "int4", "int8-dynamic") loads a decoder's weights quantized, as the
+    CLI's ``--quant`` (see ``lmforge.infer.quant``).
     ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, fp32, bf16, fp16) are the CLI's
     ``--device``/``--dtype``: auto is cuda + bf16 when there is a GPU, else cpu + fp32.
     """
-    loaded = load_run(run, device, dtype)
+    loaded = load_run(run, device, dtype, "none" if quant is None else quant)
     spec, model, tok = loaded.spec, loaded.model, loaded.tokenizer
     if isinstance(model, EncoderForClassification):
         return Classifier(model, tok, spec.run_dir, spec.step, list(spec.labels),
@@ -284,8 +284,6 @@ def load(run: str | Path, *, template: str | None = None, device: str = "auto",
     if not isinstance(model, Decoder):
         raise UserError(f"{spec.run_dir}: lmforge.load reads decoder (clm), encoder (mlm) and "
                         f"classifier runs; this one is {spec.kind}")
-    if quant is not None:
-        quantize(model, quant)
     lm = LoadedModel(model, tok, spec.run_dir, spec.checkpoint, spec.step, spec.eos_id,
                      spec.bos_id, list(spec.eos_ids))
     return LM(lm, template=template, max_batch=max_batch, max_len=max_len)

@@ -31,6 +31,7 @@ a ``step_*`` directory with a valid meta.json is complete. Save on rank 0 only, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,7 +40,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,42 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     ckpt = _resolve(path)
     weights = _load_weights(ckpt, _check_meta(ckpt))
     _apply_model(model, _match_model(ckpt, weights, model))
+
+
+@contextlib.contextmanager
+def open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor | None]]:
+    """A reader of one model tensor at a time, by clean name (None when absent), while open.
+
+    A single-file checkpoint is read from disk tensor by tensor, each through its own short
+    ``safe_open`` (the file is memory-mapped: a mapping kept open would count every page read
+    so far in the process's RSS), so a caller that converts each tensor as it arrives
+    (quantized loading) never holds them all; a sharded one is read whole first.
+    """
+    ckpt = _resolve(path)
+    meta = _check_meta(ckpt)
+    if is_sharded(meta):
+        weights = {_clean_key(k): v for k, v in _load_weights(ckpt, meta).items()}
+        yield weights.get
+        return
+    file = ckpt / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get(_META_KEY, "{}")).get("aliases", {})
+            stored: list[str] = f.keys()
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {file} ({e}); the checkpoint is damaged, pick another") from None
+    names = {_clean_key(k): k for k in stored}
+    names.update({_clean_key(a): names[_clean_key(c)] for a, c in aliases.items()})
+    if names and all(k.startswith("module.") for k in names):  # a DDP wrapper's prefix
+        names = {k.removeprefix("module."): v for k, v in names.items()}
+
+    def read(name: str) -> torch.Tensor | None:
+        if name not in names:
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(names[name])
+
+    yield read
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

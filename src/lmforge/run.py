@@ -27,11 +27,18 @@ import yaml
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.checkpoint import latest_checkpoint, load_model_weights, read_meta, read_weights
+from lmforge.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    open_weights,
+    read_meta,
+    read_weights,
+)
 from lmforge.config import ConfigError, UserError, from_dict, load_yaml, to_dict
 from lmforge.data.classify import encoder_tokenizer
 from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer
 from lmforge.infer.chat import ChatTemplate
+from lmforge.infer.quant import Quant, check_quant, load_quantized
 from lmforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, load_hf_encoder
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import (
@@ -175,12 +182,15 @@ def _classifier_fields(saved: dict[str, Any], mcfg: ModelConfig, kind: Kind,
 @dataclass
 class Placement:
     """Where and in what precision an inference command runs the model. Every inference
-    command's options inherit these two fields, so ``--device`` and ``--dtype`` mean one thing."""
+    command's options inherit these fields, so ``--device``, ``--dtype`` and ``--quant`` mean
+    one thing."""
 
     device: str = "auto"
     """auto (cuda when there is one, else cpu), cpu, cuda or cuda:N."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights and KV cache precision: auto = bf16 on cuda, fp32 on cpu."""
+    quant: Quant = "none"
+    """Decoder weights in int8 or int4 (torchao, quantized while loading; int8-dynamic: CPU + fp32 only, faster there but less accurate); see lmforge.infer.quant. Needs pip install 'lmforge[quant]'."""
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,20 +256,28 @@ class LoadedModel:
 
 
 def build_model(spec: RunSpec, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+                dtype: torch.dtype = torch.float32, quant: str = "none") -> nn.Module:
     """The spec's model with its checkpoint's weights, in ``dtype`` on ``device``, eval mode.
 
     Built on the meta device and cast there, so the only real allocation is the model at its
     final dtype; the weights are then copied in (and cast) from the checkpoint, single-file
     or sharded. Derived buffers (rotary / sinusoid tables) are recomputed, in fp32, by the
     models' own ``_apply`` on every move: they are angles, and bf16 would round them.
+    ``quant`` (a decoder only) loads layer by layer, quantizing each as it arrives.
     """
     if not dtype.is_floating_point:
         raise UserError(f"dtype: {dtype} is not a floating-point type; use float32 or bfloat16")
     model_cls = _kinds()[spec.kind][2]
+    if quant != "none" and spec.kind != "decoder":
+        raise UserError(f"quant: quantizes decoder runs; {spec.run_dir} is {_article(spec.kind)} "
+                        "run, so drop --quant")
     with torch.device("meta"):
         model = model_cls(spec.model_cfg)
     model.to(dtype)
+    if quant != "none":
+        assert isinstance(model, Decoder)
+        with open_weights(spec.checkpoint) as read:
+            return load_quantized(model, quant, torch.device(device), read, str(spec.checkpoint))
     model.to_empty(device=device)
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:
@@ -269,14 +287,16 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu",
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = torch.float32) -> LoadedRun:
+             dtype: str | torch.dtype = torch.float32, quant: str = "none") -> LoadedRun:
     """Open any run folder (or checkpoint folder) as a model of its kind, ready for inference.
 
-    ``device`` and ``dtype`` take ``--device``/``--dtype`` values too ("auto", "bf16", ...).
+    ``device``, ``dtype`` and ``quant`` take ``--device``/``--dtype``/``--quant`` values too
+    ("auto", "bf16", "int8", ...).
     """
     device, dtype = resolve_placement(device, dtype)
+    check_quant(quant, device, dtype)  # before reading anything
     spec = read_run_spec(path)
-    model = build_model(spec, device, dtype)
+    model = build_model(spec, device, dtype, quant)
     encoder = spec.kind in ("encoder", "classifier")
     # An encoder's tokenizer.json (a BERT one especially) may pad and add [CLS]/[SEP] itself.
     tokenizer = encoder_tokenizer(spec.tokenizer) if encoder else load_tokenizer(spec.tokenizer)
@@ -284,9 +304,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = torch.float32) -> LoadedModel:
+               dtype: str | torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
     """A decoder run as a ``LoadedModel``; UserError naming the kind for any other run."""
-    loaded = load_run(path, device, dtype)
+    loaded = load_run(path, device, dtype, quant)
     spec = loaded.spec
     if not isinstance(loaded.model, Decoder):
         raise UserError(f"{spec.run_dir}: is {_article(spec.kind)} run; this needs a decoder run "

@@ -51,7 +51,8 @@ class Config(Placement):
 
 def main(cfg: Config) -> int:
     """Read messages from stdin until /exit or end of input; stream each reply."""
-    lm = load(cfg.run, template=cfg.template, max_batch=1, device=cfg.device, dtype=cfg.dtype)  # one conversation, one slot
+    lm = load(cfg.run, template=cfg.template, max_batch=1, device=cfg.device, dtype=cfg.dtype,
+              quant=cfg.quant)  # one conversation, one slot
     _ = lm.template  # no template: fail now, with the fix, not after the first message
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)

@@ -33,7 +33,7 @@ EXTRAS: tuple[tuple[str, str, str, str], ...] = (
     ("fastapi", "fastapi", "lmforge serve", "pip install fastapi uvicorn"),
     ("tensorboard", "tensorboard", "TensorBoard logs", "pip install tensorboard"),
     ("wandb", "wandb", "Weights & Biases tracking", "pip install wandb"),
-    ("torchao", "torchao", "int8/int4/NF4 quantization", "pip install torchao"),
+    ("torchao", "torchao", "--quant int8/int4 inference", "pip install 'lmforge[quant]'"),
 )
 
 

@@ -314,19 +314,20 @@ def evaluate_run(run: str, path: Path, cfg: Config) -> dict[str, Any]:
     spec = read_run_spec(run)
     t0 = time.time()
     if cfg.harness is not None or cfg.memorization:
-        loaded = load_model(run, device=cfg.device, dtype=cfg.dtype)
+        loaded = load_model(run, cfg.device, cfg.dtype, cfg.quant)
         metrics = (harness_eval(loaded, cfg) if cfg.harness is not None
                    else memorization_eval(loaded, cfg))
     elif spec.kind == "classifier":
-        clf = load_api(run, device=cfg.device, dtype=cfg.dtype)
+        clf = load_api(run, device=cfg.device, dtype=cfg.dtype, quant=cfg.quant)
         assert isinstance(clf, Classifier)
         metrics = class_eval(clf, path, cfg)
     else:
-        loaded = load_model(run, cfg.device, cfg.dtype)
+        loaded = load_model(run, cfg.device, cfg.dtype, cfg.quant)
         metrics = (text_metrics(loaded, path, cfg) if _is_text(path)
                    else chat_metrics(loaded, path, cfg))
     result = {"run": str(spec.run_dir), "checkpoint": spec.checkpoint.name,
-              "data": str(path), "seconds": round(time.time() - t0, 1), **metrics}
+              "data": str(path), "seconds": round(time.time() - t0, 1),
+              **({"quant": cfg.quant} if cfg.quant != "none" else {}), **metrics}
     if cfg.harness is not None or cfg.memorization:
         del result["data"]
     atomic_write_json(spec.run_dir / _output_name(path, cfg), result)

@@ -57,7 +57,7 @@ class Config(Placement):
 def main(cfg: Config) -> int:
     """Load the model and stream a continuation of the prompt."""
     console = Console(highlight=False)
-    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
     draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
     if draft is not None and draft.tokenizer.to_str() != loaded.tokenizer.to_str():
         raise UserError(f"draft: {cfg.draft} has another tokenizer than {cfg.run}; speculative "

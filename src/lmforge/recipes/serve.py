@@ -15,12 +15,10 @@ import re
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
 
 from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import ChatTemplate, resolve_chat_template
 from lmforge.infer.engine import Engine
-from lmforge.infer.quant import quantize
 from lmforge.run import LoadedModel, Placement, load_model
 
 EXAMPLES = """
@@ -56,8 +54,6 @@ class Config(Placement):
     """Positions per slot (prompt + answer); null = the model's context. The KV cache of all slots is preallocated: lower this for long-context models."""
     template: str | None = None
     """Chat template: chatml or a .jinja file; null = the run folder's own (chat is refused without one)."""
-    quant: Literal["none", "int8", "int8-dynamic", "int4"] = "none"
-    """Quantize the linear layers' weights (CPU only); see lmforge.infer.quant."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -106,9 +102,7 @@ def main(cfg: Config) -> int:
                         "pip install 'lmforge[serve]'") from None
     keys = tuple(cfg.api_key) or tuple(k for k in [os.environ.get("LMFORGE_API_KEY")] if k)
     _check_port(cfg.host, cfg.port)
-    loaded = load_model(cfg.run, cfg.device, cfg.dtype)
-    if cfg.quant != "none":
-        quantize(loaded.model, cfg.quant)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
     template = chat_template(loaded, cfg.template)
     engine = Engine(loaded.model, loaded.tokenizer.decode, eos_id=loaded.eos_id,
                     stop_ids=loaded.eos_ids,
