@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import sys
 from types import ModuleType
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user mistakes are one line on stderr and exit code 2."""
     from lmforge.config import UserError
 
+    # torchao (imported by transformers and by --quant) logs each CUDA library it cannot load on
+    # a CPU-only torch, and torch warns about an Enum it registers: noise on every export.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # a closed pipe shows up here, inside the try, not at exit
