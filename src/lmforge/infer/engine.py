@@ -47,6 +47,7 @@ from lmforge.infer.sampling import InvalidRequest, SamplingParams, fit_prompt, s
 from lmforge.infer.speculative import SpecStats, check_draft, speculate_rows
 from lmforge.infer.text import TextStream
 from lmforge.models.decoder import Decoder
+from lmforge.models.kv_cache import RowKVCache
 
 log = logging.getLogger(__name__)
 INITIAL_POSITIONS = 256  # KV positions per slot allocated at the start; more as requests need
@@ -192,7 +193,7 @@ class Engine:
         self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS)
         self.context = self.cache.max_len  # positions a request may use
         self.draft, self.draft_tokens, self.spec = draft, draft_tokens, SpecStats()
-        self.draft_cache = None
+        self.draft_cache: RowKVCache | None = None
         if draft is not None:
             check_draft(model, draft, draft_tokens)
             self.draft_cache = draft.new_row_cache(max_batch, self.context,

@@ -175,7 +175,7 @@ def speculate_rows(target: Decoder, draft: Decoder, tcache: RowKVCache, dcache: 
                    stats: SpecStats | None = None) -> list[list[int]]:
     """One round of speculative decoding for every row of a continuous batch.
 
-    Row b's caches (views of the running rows, of equal lengths per row) hold its sequence
+    Row b's caches (views of the running rows; the two agree row by row) hold its sequence
     but its ``last`` token. The draft feeds ``last`` and proposes ``k`` tokens for every row
     (k+1 batched forwards of B x 1: the last one only writes d_k's keys), the target scores
     [last, d_1..d_k] of all rows in one (B, k+1) forward, and each row keeps its own accepted
