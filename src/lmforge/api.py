@@ -34,6 +34,7 @@ from lmforge.data.classify import classify_batch, classify_ids
 from lmforge.data.mlm import PAD_TOKEN, MlmVocab
 from lmforge.infer.chat import ChatTemplate, load_chat_template, stop_token_ids
 from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.infer.sampling import fit_prompt
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
 from lmforge.run import LoadedModel, load_run
@@ -125,22 +126,19 @@ class LM:
     def _chat_ids(self, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
         """The rendered conversation's ids, without its oldest turns while it outgrows the
         context (system messages stay); a single turn too long is cut on the left later."""
-        context = self.engine.context
-        budget = context - min(max_new_tokens, context - 1)
         messages = list(messages)
         while True:
             text = self.template.render(messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids or self._encode("")
             turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
-            if len(ids) <= budget or len(turns) <= 1:
+            fitted = fit_prompt(ids, max_new_tokens, self.engine.context, truncate=True)[0]
+            if len(fitted) == len(ids) or len(turns) <= 1:
                 return ids
             del messages[turns[0]]
 
     def _submit(self, ids: list[int], params: SamplingParams) -> Any:
-        """Fit prompt + max_tokens into the context (left-truncating), then queue it."""
-        block = self.engine.context
-        max_tokens = max(1, min(params.max_tokens, block - 1))
-        ids = ids[-(block - max_tokens):]
+        """Fit prompt + max_tokens into the context (``fit_prompt``, truncating), then queue."""
+        ids, max_tokens = fit_prompt(ids, params.max_tokens, self.engine.context, truncate=True)
         fitted = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         return self.engine.submit(ids, fitted)
 

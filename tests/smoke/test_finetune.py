@@ -102,7 +102,7 @@ def test_merge_equals_the_finetuned_run(ftdir: Path, monkeypatch: pytest.MonkeyP
     if not (ftdir / "runs" / "ft-lora" / "adapter.json").exists():
         pytest.skip("needs the lora run of the test above")
     assert cli.run(["merge", "--adapter", "runs/ft-lora", "--out", "ft-merged",
-                    "--overwrite"]) == 0
+                    "--device", "cpu", "--overwrite"]) == 0
     merged = json.loads((ftdir / "runs" / "ft-merged" / "summary.json").read_text())
     assert merged["max_logit_diff"] < 1e-5
     a, b = _weights(ftdir / "runs" / "ft-lora"), _weights(ftdir / "runs" / "ft-merged")

@@ -23,6 +23,7 @@ from lmforge.infer.engine import (
     TextStream,
 )
 from lmforge.infer.generate import generate
+from lmforge.infer.sampling import fit_prompt
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import EncoderConfig, EncoderForMaskedLM
 from tests.serve import make_tiny_run
@@ -312,8 +313,32 @@ def test_a_list_of_prompts_is_one_batch_with_the_same_answers(lm: LM) -> None:
 
 
 def test_too_long_prompts_are_cut_on_the_left_like_generate(lm: LM) -> None:
+    ids = lm.tokenizer.encode("word " * 500).ids
+    stops = {*lm.loaded.eos_ids, *([] if lm.eos_id is None else [lm.eos_id])}
+    expected = lm.tokenizer.decode(alone(lm.model, ids, 1000, temperature=0.0, eos_id=stops))
     text = lm.generate("word " * 500, max_new_tokens=1000, temperature=0)
-    assert isinstance(text, str)  # no error: the context decides how much fits
+    assert text == expected  # the same rule (fit_prompt) through the engine and generate
+
+
+def test_one_context_rule_truncates_for_generate_and_refuses_for_the_engine() -> None:
+    model = model_for()  # block_size 48
+    prompt = [(7 * i) % VOCAB for i in range(60)]
+    assert fit_prompt(prompt, 10, 48, truncate=True) == (prompt[-38:], 10)  # 38 + 10 = 48
+    assert fit_prompt(prompt, 500, 48, truncate=True) == (prompt[-1:], 47)
+    assert fit_prompt(prompt[:20], None, 48, truncate=False) == (prompt[:20], 28)
+    # generate cuts the prompt by that rule; the engine serves the cut prompt as it is ...
+    expected = alone(model, prompt[-38:], 10, temperature=0.0)
+    assert alone(model, prompt, 10, temperature=0.0) == expected
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    assert engine_for(model).submit(prompt[-38:], greedy).result().token_ids == expected
+    # ... and refuses one token more, naming the field and how much fits.
+    with pytest.raises(InvalidRequest, match="ask for at most 9$") as info:
+        engine_for(model).submit(prompt[-39:], greedy)
+    assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
+    with pytest.raises(InvalidRequest, match="^prompt: has 48 tokens"):
+        engine_for(model).submit(prompt[:48], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequest, match="^prompt: is empty"):
+        fit_prompt([], 4, 48, truncate=True)
 
 
 def test_chat_renders_the_run_template(lm: LM) -> None:

@@ -57,16 +57,16 @@ def test_prompt_truncated_from_the_left_to_fit_context() -> None:
     model = model_for()  # block_size 24
     prompt = list(range(1, 31))  # 30 tokens
     got, _ = run(generate(model, prompt, 6, temperature=0.0))
-    # 6 new tokens need 5 fed positions: 19 prompt tokens fit.
-    assert got == naive_greedy(model, prompt[-19:], 6)
+    # prompt + max_new_tokens <= block_size (sampling.fit_prompt): 18 prompt tokens fit.
+    assert got == naive_greedy(model, prompt[-18:], 6)
 
 
 def test_stops_when_context_is_full() -> None:
     model = model_for()
     got, reason = run(generate(model, [1, 2], 100, temperature=0.0))
-    assert len(got) == 24  # one prompt token kept + 23 fed back = 24 positions
+    assert len(got) == 23  # one prompt token kept + 23 new ones = the 24 positions
     assert reason == "length"
-    assert got == naive_greedy(model, [2], 24)
+    assert got == naive_greedy(model, [2], 23)
 
 
 def test_stops_at_eos_without_yielding_it() -> None:

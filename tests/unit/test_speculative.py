@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lmforge.config import UserError
+from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate
-from lmforge.infer.sampling import SamplingParams, probabilities
+from lmforge.infer.sampling import InvalidRequest, SamplingParams, probabilities
 from lmforge.infer.speculative import SpecStats, speculative_generate
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -71,6 +72,33 @@ def test_stops_at_eos_without_yielding_it() -> None:
 def test_vocabularies_must_match() -> None:
     with pytest.raises(UserError, match="vocab_size"):
         drain(speculative_generate(model_for(0), model_for(1, vocab=50), [1], 3))
+    with pytest.raises(UserError, match="^draft: vocab_size"):
+        Engine(model_for(0), str, eos_id=None, draft=model_for(1, vocab=50))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def no_text(ids: list[int]) -> str:
+    return ""
+
+
+def test_engine_rows_with_a_draft_each_get_their_greedy_answer() -> None:
+    target, other = model_for(0), model_for(1, n_layer=1, n_embd=16, n_head=2)
+    prompts = [[1, 2, 3], list(range(5, 25)), [7], [9, 9, 9, 9], [30, 31]]
+    lengths = [10, 12, 31, 3, 17]  # 20 + 12 and 1 + 31 fill the 32 positions exactly
+    for draft in (other, target):  # a poor draft (rejections) and a perfect one
+        engine = Engine(target, no_text, eos_id=None, max_batch=3, draft=draft, draft_tokens=3)
+        handles = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0))
+                   for p, n in zip(prompts, lengths)]  # 3 slots: two wait, then join midway
+        for handle, prompt, n in zip(handles, prompts, lengths):
+            assert handle.result().token_ids == list(generate(target, prompt, n, temperature=0))
+        spec = engine.spec
+        assert spec.rounds > 0 and (spec.accepted == spec.proposed if draft is target
+                                    else spec.accepted < spec.proposed)
+    penalized = SamplingParams(max_tokens=3, presence_penalty=0.5)
+    with pytest.raises(InvalidRequest, match="^presence_penalty: .*draft"):
+        engine.submit([1], penalized)
 
 
 # --------------------------------------------------------------------------- distribution
@@ -129,3 +157,24 @@ def test_samples_follow_the_targets_distribution(temperature: float, top_k: int 
     stat, critical = chi2(counts, p, SAMPLES)
     assert stat < critical
     assert 0 < stats.accepted < stats.proposed  # both the accept and the reject paths ran
+
+
+def test_engine_rows_with_a_draft_sample_the_targets_distribution() -> None:
+    target = model_for(0, vocab=VOCAB, n_layer=1, n_embd=16, n_head=2, init_std=0.1)
+    draft = model_for(5, vocab=VOCAB, n_layer=1, n_embd=16, n_head=2, init_std=0.1)
+    prompt = [1, 3]
+    p = joint(target, prompt, 1.0, None)
+    n = SAMPLES // 2  # 1000 single-row runs above; the batched rows take longer per sample
+    q = joint(draft, prompt, 1.0, None)
+    assert chi2({s: n * qs for s, qs in q.items()}, p, n)[0] > 3 * chi2({}, p, n)[1]  # power
+    engine = Engine(target, no_text, eos_id=None, max_batch=8, max_queue=n, draft=draft,
+                    draft_tokens=2)
+    handles = [engine.submit(prompt, SamplingParams(max_tokens=STEPS, seed=seed))
+               for seed in range(n)]  # 8 rows per batch, each with its own generator
+    counts: dict[tuple[int, ...], int] = {}
+    for handle in handles:
+        got = tuple(handle.result().token_ids)
+        counts[got] = counts.get(got, 0) + 1
+    stat, critical = chi2(counts, p, n)
+    assert stat < critical
+    assert 0 < engine.spec.accepted < engine.spec.proposed  # both paths of the rule ran

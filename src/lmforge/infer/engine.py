@@ -3,8 +3,9 @@
 The engine owns ``max_batch`` slots, the rows of a ``RowKVCache``. One ``step()``:
 
 1. drops cancelled requests (queued or running), freeing their slots at once;
-2. admits queued requests into free slots: each prompt is prefilled alone into its own row
-   and its first token sampled, so a newcomer never waits for the running ones to finish;
+2. admits queued requests into free slots: each prompt is prefilled into its own row (those
+   of one length together) and its first token sampled, so a newcomer never waits for the
+   running ones to finish;
 3. decodes every running row together, one token each (B = running, T = 1), each row
    sampled with its own parameters and its own ``torch.Generator``;
 4. lets finished requests (EOS, a stop token or string, max_tokens) leave: the last running
@@ -14,6 +15,13 @@ The engine owns ``max_batch`` slots, the rows of a ``RowKVCache``. One ``step()`
 Rows have their own lengths and an explicit attention mask (see ``RowKVCache``), so a request's
 greedy output is the same whether it runs alone or beside others that joined at other times.
 
+With a ``draft`` model (speculative decoding), step 3 is one ``speculate_rows`` round instead:
+the draft proposes up to ``draft_tokens`` tokens for every running row, the target checks all
+rows in one forward, and each row keeps its own accepted prefix plus one token (1 to k+1
+tokens per step). The draft keeps a ``RowKVCache`` of its own, row for row beside the target's.
+Greedy output is the target's greedy output; sampled output has the target's distribution.
+Penalties depend on every earlier token and are refused with a draft.
+
 Results stream as ``Event``s: to a ``sink`` callback (the server hands them to its event loop)
 or, by default, to a queue that iterating the ``Handle`` drains. ``start()`` runs the steps in
 one background thread; without it, iterating a handle runs steps in the caller's thread.
@@ -21,6 +29,7 @@ one background thread; without it, iterating a handle runs steps in the caller's
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import secrets
@@ -34,9 +43,11 @@ import torch
 from torch import Tensor
 
 from lmforge.config import UserError
-from lmforge.infer.sampling import InvalidRequest, SamplingParams, sample
+from lmforge.infer.sampling import InvalidRequest, SamplingParams, fit_prompt, sample
+from lmforge.infer.speculative import SpecStats, check_draft, speculate_rows
 from lmforge.infer.text import TextStream
 from lmforge.models.decoder import Decoder
+from lmforge.models.kv_cache import RowKVCache
 
 log = logging.getLogger(__name__)
 INITIAL_POSITIONS = 256  # KV positions per slot allocated at the start; more as requests need
@@ -161,13 +172,14 @@ class Engine:
     Each slot holds up to ``max_len`` positions (prompt + answer; default the model's
     block_size): at most max_batch x max_len x n_layer x 2 x n_kv_head x head_dim values, of
     which ``INITIAL_POSITIONS`` per slot are allocated at the start and the rest as the longest
-    running request needs them (doubling).
+    running request needs them (doubling). ``draft`` (same tokenizer) turns on speculative
+    decoding with ``draft_tokens`` proposals per row and step; ``spec`` counts them.
     """
 
     def __init__(self, model: Decoder, decode: Callable[[list[int]], str], *,
                  eos_id: int | None, stop_ids: Collection[int] = (), max_batch: int = 8,
-                 max_queue: int = 64,
-                 max_len: int | None = None) -> None:
+                 max_queue: int = 64, max_len: int | None = None,
+                 draft: Decoder | None = None, draft_tokens: int = 4) -> None:
         if model.training:
             raise ValueError("call model.eval() before serving")
         if max_batch < 1 or max_queue < 0:
@@ -180,6 +192,13 @@ class Engine:
         # Positions grow on demand (doubling): no batch x context preallocation up front.
         self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS)
         self.context = self.cache.max_len  # positions a request may use
+        self.draft, self.draft_tokens, self.spec = draft, draft_tokens, SpecStats()
+        self.draft_cache: RowKVCache | None = None
+        if draft is not None:
+            check_draft(model, draft, draft_tokens)
+            self.draft_cache = draft.new_row_cache(max_batch, self.context,
+                                                   reserve=INITIAL_POSITIONS)
+            self.context = self.draft_cache.max_len  # the smaller of the two contexts
         self._queue: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index = cache row; touched only by the stepping thread
         self._cond = threading.Condition()
@@ -208,6 +227,12 @@ class Engine:
                request_id: str | None = None) -> Handle:
         """Queue a request; raise InvalidRequest for bad input, QueueFull when the queue is full."""
         check_request(params)
+        if self.draft is not None and params.penalized:
+            name = next(n for n, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                         ("frequency_penalty", 0.0)) if getattr(params, n) != off)
+            raise InvalidRequest(name, "penalties are not supported by a server with a draft "
+                                 "model (speculative decoding); leave it at its default",
+                                 "unsupported")
         self.check_prompt(prompt_ids, params.max_tokens)
         handle = Handle(self, request_id or uuid.uuid4().hex, len(prompt_ids), sink)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -224,20 +249,12 @@ class Engine:
         return handle
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
-        """Raise InvalidRequest unless the prompt is valid ids and prompt + max_tokens fit."""
-        vocab, n = self.model.cfg.vocab_size, len(prompt_ids)
-        if n == 0:
-            raise InvalidRequest("prompt", "is empty; give at least one token")
+        """Raise InvalidRequest unless the prompt is valid ids and prompt + max_tokens fit
+        (``fit_prompt`` without truncation: a request is served as sent or refused)."""
+        fit_prompt(prompt_ids, max_tokens, self.context, truncate=False)
+        vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
-        if n >= self.context:
-            raise InvalidRequest("prompt", f"has {n} tokens but the context is {self.context}; "
-                                 "shorten it", "context_length_exceeded")
-        if n + max_tokens > self.context:
-            raise InvalidRequest(
-                "max_tokens", f"the context is {self.context} tokens, but the prompt has {n} "
-                f"and max_tokens asks for {max_tokens}; ask for at most {self.context - n}",
-                "context_length_exceeded")
 
     def start(self) -> None:
         """Run the scheduler in a background thread until ``stop()``."""
@@ -298,29 +315,66 @@ class Engine:
         self._release()
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch:
-            with self._cond:
-                if not self._queue:
-                    break
-                seq = self._queue.popleft()
-            row = len(self._running)
-            self.cache.grow(len(seq.prompt))
-            self.cache.lengths[row] = 0
-            self._running.append(seq)
-            idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.model(idx, self.cache.rows(row, row + 1), last=True)[:, -1]  # (1, V)
-            self._accept(seq, self._choose(logits, [seq])[0])
+        """Give queued requests the free slots; prefill them, newcomers of one prompt length in
+        one forward (rows of equal lengths need no mask), and sample each one's first token."""
+        new: list[_Seq] = []
+        with self._cond:
+            while self._queue and len(self._running) + len(new) < self.max_batch:
+                new.append(self._queue.popleft())
+        if not new:
+            return
+        new.sort(key=lambda s: len(s.prompt))
+        start = len(self._running)
+        self._running += new
+        self._grow(len(new[-1].prompt))
+        for _, same in itertools.groupby(new, key=lambda s: len(s.prompt)):
+            seqs = list(same)
+            stop = start + len(seqs)
+            idx = torch.tensor([s.prompt for s in seqs], device=self.device)  # (G, T)
+            self.cache.lengths[start:stop] = 0
+            logits = self.model(idx, self.cache.rows(start, stop), last=True)[:, -1]  # (G, V)
+            if self.draft is not None and self.draft_cache is not None:  # keys only, no head
+                self.draft_cache.lengths[start:stop] = 0
+                self.draft(idx, self.draft_cache.rows(start, stop), last=True, hidden=True)
+            for seq, token in zip(seqs, self._choose(logits, seqs)):
+                self._accept(seq, token)
+            start = stop
         self._release()
+
+    def _grow(self, needed: int) -> None:
+        """Room for ``needed`` positions per row in the KV cache(s)."""
+        self.cache.grow(needed)
+        if self.draft_cache is not None:
+            self.draft_cache.grow(needed)
 
     def _decode(self) -> None:
         if not self._running:
             return
+        if self.draft is not None:
+            self._speculate()
+            return
         n = len(self._running)
-        self.cache.grow(max(len(s.prompt) + len(s.output) for s in self._running))
+        self._grow(max(len(s.prompt) + len(s.output) for s in self._running))
         idx = torch.tensor([[s.next_token] for s in self._running], device=self.device)  # (B, 1)
         logits = self.model(idx, self.cache.rows(0, n))[:, -1]  # (B, V)
         for seq, token in zip(self._running, self._choose(logits, self._running)):
             self._accept(seq, token)
+        self._release()
+
+    def _speculate(self) -> None:
+        """A decode step by speculation: 1 to k+1 tokens for every running row."""
+        assert self.draft is not None and self.draft_cache is not None
+        seqs, n = self._running, len(self._running)
+        ends = [len(s.prompt) + len(s.output) for s in seqs]  # positions after the last token
+        k = max(0, min(self.draft_tokens, self.context - max(ends)))  # all k+1 fed must fit
+        self._grow(max(ends) + k)
+        news = speculate_rows(self.model, self.draft, self.cache.rows(0, n),
+                              self.draft_cache.rows(0, n), [s.next_token for s in seqs], k,
+                              [s.params for s in seqs], [s.generator for s in seqs], self.spec)
+        for seq, tokens in zip(seqs, news):
+            for token in tokens:
+                if seq.finished is None:
+                    self._accept(seq, token)
         self._release()
 
     def _choose(self, logits: Tensor, seqs: list[_Seq]) -> list[int]:
@@ -373,6 +427,8 @@ class Engine:
             last = len(self._running) - 1
             if i != last:
                 self.cache.move_row(last, i)
+                if self.draft_cache is not None:
+                    self.draft_cache.move_row(last, i)
                 self._running[i] = self._running[last]
             self._running.pop()
 

@@ -7,10 +7,9 @@ can hand it to ``torch.compile``; when compiling fails it says so in one line an
 eagerly. ``generate`` streams token ids for one prompt; ``generate_batch`` runs equal-length
 prompts together.
 
-Context policy: the prompt is truncated from the left so that prompt + max_new_tokens fits
-in block_size (the last generated token is never fed back, so it needs no position).
-When max_new_tokens alone exceeds block_size, one prompt token is kept and generation stops
-once the context is full.
+Context policy (``sampling.fit_prompt``): the prompt is truncated from the left so that
+prompt + max_new_tokens fits in block_size. When max_new_tokens alone reaches block_size,
+one prompt token is kept and block_size - 1 tokens are generated.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError, UserError
-from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.infer.sampling import SamplingParams, fit_prompt, sample
 from lmforge.models.decoder import Decoder, KVCache
 
 log = logging.getLogger(__name__)
@@ -108,9 +107,9 @@ def _stream(model: Decoder, prompts: list[list[int]], params: SamplingParams,
     if max_new_tokens == 0:
         return
     block = model.cfg.block_size
-    keep = max(1, block + 1 - max_new_tokens)
     device = model.tok_emb.weight.device
-    fitted = [p[-keep:] for p in prompts]
+    rows = [fit_prompt(p, max_new_tokens, block, truncate=True) for p in prompts]
+    fitted, max_new_tokens = [ids for ids, _ in rows], rows[0][1]  # equal lengths: one m
     idx = torch.tensor(fitted, dtype=torch.long, device=device)  # (B, T)
     generator = None
     if params.seed is not None:

@@ -8,6 +8,10 @@ request draws the same tokens whichever of them runs it.
 Order of operations (Hugging Face's order of logits processors and warpers): penalties on the
 raw logits, then greedy argmax at temperature 0, else divide by the temperature, keep the
 top-k, the top-p nucleus, tokens above min-p times the top one, and draw with the generator.
+
+``fit_prompt`` is the one context rule of every generator (``generate``, speculative decoding,
+the Python API, the engine and the server): prompt + max_tokens <= context, as in OpenAI's API,
+vLLM's max_model_len and Hugging Face's max_length.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class SamplingParams:
     """How one request samples and when it stops. Ranges follow the OpenAI API."""
 
     max_tokens: int = 16
-    """Most new tokens; prompt + max_tokens must fit in the model's context."""
+    """Most new tokens; prompt + max_tokens must fit in the model's context (``fit_prompt``)."""
     temperature: float = 1.0
     """0 is greedy; otherwise logits are divided by it."""
     top_k: int | None = None
@@ -88,6 +92,36 @@ class SamplingParams:
         """Whether the logits depend on the tokens seen so far."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+def fit_prompt(ids: Sequence[int], max_tokens: int | None, context: int, *,
+               truncate: bool) -> tuple[list[int], int]:
+    """(prompt ids, max_tokens) of a request made to fit ``context`` positions, by one rule:
+    n prompt tokens and m new ones fit when n + m <= context (so a prompt has at most
+    context - 1 tokens). ``max_tokens`` None asks for all the context leaves.
+
+    With ``truncate`` (``lmforge generate``, the Python API) m shrinks to at most
+    ``context - 1`` and the prompt keeps its last ``context - m`` tokens; without it (the server,
+    as OpenAI's API) a request that does not fit raises InvalidRequest (code
+    context_length_exceeded) naming ``prompt`` or ``max_tokens`` and how much fits.
+    An empty prompt is refused either way.
+    """
+    n = len(ids)
+    if n == 0:
+        raise InvalidRequest("prompt", "is empty; give at least one token (e.g. the tokenizer's "
+                             "BOS)")
+    if truncate:
+        m = context - 1 if max_tokens is None else max(1, min(max_tokens, context - 1))
+        return list(ids[-(context - m):]), m
+    if n >= context:
+        raise InvalidRequest("prompt", f"has {n} tokens but the context is {context}; shorten it",
+                             "context_length_exceeded")
+    room = context - n
+    if max_tokens is not None and max_tokens > room:
+        raise InvalidRequest(
+            "max_tokens", f"the context is {context} tokens, but the prompt has {n} and "
+            f"max_tokens asks for {max_tokens}; ask for at most {room}", "context_length_exceeded")
+    return list(ids), room if max_tokens is None else max_tokens
 
 
 # --------------------------------------------------------------------------- filters

@@ -11,7 +11,9 @@ At temperature 0 the rule becomes "keep while the target's argmax agrees", so th
 is the target's greedy output token for token.
 
 Both models keep a ``KVCache``; after a round each cache is rolled back (its ``length`` cut)
-to the tokens that were kept. p and q are the distributions after temperature, top-k and
+to the tokens that were kept. ``speculate_rows`` runs the same round for all the rows of a
+continuous batch (the serving engine): B x 1 draft steps, one (B, k+1) target forward, and
+each row keeps its own prefix by the same ``_verify``. p and q are the distributions after temperature, top-k and
 top-p and min-p, as ``sampling.probabilities`` gives them to ``sampling.sample``, so the result
 samples what ``generate`` samples. Penalties depend on the tokens before each draft position
 and are refused here.
@@ -19,16 +21,18 @@ and are refused here.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Generator
+from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
 from lmforge.infer.generate import stop_set
-from lmforge.infer.sampling import SamplingParams, probabilities, sample
+from lmforge.infer.sampling import SamplingParams, fit_prompt, probabilities, sample
 from lmforge.models.decoder import Decoder, KVCache
+from lmforge.models.kv_cache import RowKVCache
 
 
 @dataclass
@@ -41,16 +45,24 @@ class SpecStats:
     """Target forwards (each gives 1 to k+1 tokens)."""
 
 
-def _check(target: Decoder, draft: Decoder, k: int, max_new_tokens: int) -> None:
+def check_draft(target: Decoder, draft: Decoder, k: int) -> None:
+    """UserError unless ``draft`` can propose ``k`` tokens per round for ``target``."""
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise UserError(f"draft: vocab_size {draft.cfg.vocab_size} differs from the target's "
                         f"{target.cfg.vocab_size}; the two models must share a tokenizer")
     if k < 1:
         raise ConfigError(f"k: must be >= 1 draft tokens per round, got {k}")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     if target.training or draft.training:
         raise ValueError("call model.eval() on both models before generating")
+
+
+def check_draft_tokenizer(run: str, draft_run: str, tokenizer: Any,
+                          draft_tokenizer: Any) -> None:
+    """UserError unless the draft run's tokenizer (a ``tokenizers.Tokenizer``) is the target's:
+    equal vocabulary sizes are not enough, the same id must mean the same text."""
+    if draft_tokenizer.to_str() != tokenizer.to_str():
+        raise UserError(f"draft: {draft_run} has another tokenizer than {run}; speculative "
+                        "decoding needs a draft trained with the same tokenizer")
 
 
 def _feed(model: Decoder, cache: KVCache, ids: list[int]) -> Tensor:
@@ -89,12 +101,12 @@ def speculative_generate(
                           "leave them at their defaults")
     max_new_tokens, seed = params.max_tokens, params.seed
     stops = stop_set(eos_id)
-    _check(target, draft, k, max_new_tokens)
-    if not prompt_ids:
-        raise UserError("prompt: empty; give at least one token id (e.g. the tokenizer's BOS)")
+    check_draft(target, draft, k)
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     stats = stats if stats is not None else SpecStats()
     block = min(target.cfg.block_size, draft.cfg.block_size)
-    seq = list(prompt_ids[-max(1, block + 1 - max_new_tokens):])
+    seq = fit_prompt(prompt_ids, max_new_tokens, block, truncate=True)[0]
     device = target.tok_emb.weight.device
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     tcache, dcache = target.new_cache(1, block), draft.new_cache(1, block)
@@ -135,10 +147,11 @@ def _propose(draft: Decoder, cache: KVCache, seq: list[int], n: int, params: Sam
 
 
 def _verify(logits: Tensor, drafts: list[int], qs: list[Tensor], params: SamplingParams,
-            gen: torch.Generator | None) -> tuple[int, int]:
-    """(number of drafts kept, the token after them) from the target's logits (n+1, V)."""
+            gen: torch.Generator | None, best: list[int] | None = None) -> tuple[int, int]:
+    """(number of drafts kept, the token after them) from the target's logits (n+1, V);
+    ``best``, the argmax of each row of ``logits`` if the caller has it already."""
     if params.temperature == 0.0:
-        best = logits.argmax(dim=-1).tolist()  # (n+1,)
+        best = logits.argmax(dim=-1).tolist() if best is None else best  # (n+1,)
         kept = next((i for i, d in enumerate(drafts) if best[i] != d), len(drafts))
         return kept, best[kept]
     ps = probabilities(logits, params)  # (n+1, V)
@@ -151,3 +164,62 @@ def _verify(logits: Tensor, drafts: list[int], qs: list[Tensor], params: Samplin
             residual = ps[i]
         return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
     return len(drafts), int(torch.multinomial(ps[-1], 1, generator=gen))
+
+
+# --------------------------------------------------------------------------- a batch of rows
+
+
+def speculate_rows(target: Decoder, draft: Decoder, tcache: RowKVCache, dcache: RowKVCache,
+                   last: list[int], k: int, params: Sequence[SamplingParams],
+                   gens: Sequence[torch.Generator | None],
+                   stats: SpecStats | None = None) -> list[list[int]]:
+    """One round of speculative decoding for every row of a continuous batch.
+
+    Row b's caches (views of the running rows; the two agree row by row) hold its sequence
+    but its ``last`` token. The draft feeds ``last`` and proposes ``k`` tokens for every row
+    (k+1 batched forwards of B x 1: the last one only writes d_k's keys), the target scores
+    [last, d_1..d_k] of all rows in one (B, k+1) forward, and each row keeps its own accepted
+    prefix and one more token by ``_verify``, with its own parameters and generator. Both
+    caches are then cut back per row to hold again all but the row's last new token. ``k`` 0
+    is a plain decode step of both models. Returns each row's new tokens (1 to k+1).
+    """
+    device = target.tok_emb.weight.device
+    start = tcache.lengths.clone()  # (B,)
+    fed = torch.tensor(last, device=device)[:, None]  # (B, 1)
+    first = fed
+    drafts: list[Tensor] = []  # k tensors (B,)
+    qs: list[list[Tensor]] = [[] for _ in last]  # per row: the q (V,) of each proposal
+    for i in range(k + 1):
+        out = draft(fed, dcache, hidden=i == k)  # (B, 1, V), or (B, 1, C) when only writing
+        if i == k:
+            break
+        drafts.append(_draw_rows(out[:, -1], params, gens, qs))
+        fed = drafts[-1][:, None]  # (B, 1)
+    block = torch.cat([first, *[d[:, None] for d in drafts]], dim=1)  # (B, k+1)
+    logits = target(block, tcache)  # (B, k+1, V)
+    proposed = block[:, 1:].tolist()
+    best = logits.argmax(dim=-1).tolist()  # (B, k+1): one sync serves every greedy row
+    news, kept = [], []
+    for b, p in enumerate(params):
+        n, extra = _verify(logits[b], proposed[b], qs[b], p, gens[b], best[b])
+        news.append([*proposed[b][:n], extra])
+        kept.append(n)
+    ends = start + 1 + torch.tensor(kept, device=start.device)  # (B,)
+    tcache.lengths.copy_(ends)  # roll back: a query never sees keys past its own position
+    dcache.lengths.copy_(ends)
+    if stats is not None:
+        stats.proposed, stats.accepted, stats.rounds = (
+            stats.proposed + k * len(last), stats.accepted + sum(kept), stats.rounds + 1)
+    return news
+
+
+def _draw_rows(logits: Tensor, params: Sequence[SamplingParams],
+               gens: Sequence[torch.Generator | None], qs: list[list[Tensor]]) -> Tensor:
+    """A draft token per row (B,) from the draft's logits (B, V); sampled rows add their q."""
+    tokens = logits.argmax(dim=-1)  # (B,): greedy rows, all of them in one op
+    for b, p in enumerate(params):
+        if p.temperature != 0.0:
+            row = logits[b : b + 1]  # (1, V)
+            tokens[b] = sample(row, p, gens[b])[0]
+            qs[b].append(probabilities(row, p)[0])  # what sample drew from
+    return tokens

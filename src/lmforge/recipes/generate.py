@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from lmforge.config import ConfigError, UserError
+from lmforge.config import ConfigError
 from lmforge.infer.generate import decode_layout
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import check_draft_tokenizer
 from lmforge.infer.text import stream_text
 from lmforge.run import Placement, load_model
 
@@ -45,13 +47,10 @@ class Config(Placement):
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1 or null, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] or null, got {self.top_p}")
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        # The ranges of the sampling options are the engine's and the server's: checked once.
+        SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                       top_k=self.top_k, top_p=self.top_p, seed=self.seed).check()
 
 
 def main(cfg: Config) -> int:
@@ -59,9 +58,8 @@ def main(cfg: Config) -> int:
     console = Console(highlight=False)
     loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
     draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
-    if draft is not None and draft.tokenizer.to_str() != loaded.tokenizer.to_str():
-        raise UserError(f"draft: {cfg.draft} has another tokenizer than {cfg.run}; speculative "
-                        "decoding needs a draft trained with the same tokenizer")
+    if draft is not None:
+        check_draft_tokenizer(cfg.run, cfg.draft or "", loaded.tokenizer, draft.tokenizer)
     if draft is not None and cfg.compile:
         raise ConfigError("compile: applies to plain decoding; leave it off with --draft")
     decode_layout(loaded.model)  # last, after anything that replaces weights

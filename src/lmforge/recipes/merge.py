@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -21,19 +22,23 @@ from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import load_chat_template
 from lmforge.models.lora import apply_lora, load_adapter_state_dict, merge_lora
 from lmforge.models.quant import dequantize_nf4, quantize_nf4
-from lmforge.run import ADAPTER_FILE, ADAPTER_INFO, load_model, write_run_files
+from lmforge.run import ADAPTER_FILE, ADAPTER_INFO, Placement, load_model, write_run_files
 from lmforge.utils.io import atomic_dir, atomic_write_json
 
 TOLERANCE = 1e-5
 EXAMPLES = """
 lmforge merge --adapter runs/chat-lora --out chat-merged
 lmforge merge --adapter runs/chat-lora --base runs/shakespeare-copy --out chat-merged
+lmforge merge --adapter runs/smollm2-lora --out smollm2-merged --device cuda
 """
 
 
 @dataclass
-class Config:
+class Config(Placement):
     """Options of `lmforge merge`."""
+
+    dtype: Literal["fp32"] = "fp32"
+    """Precision of the merge, its logits check and the merged weights: fp32 only, on any --device (merged weights keep full precision; a QLoRA base is dequantized)."""
 
     adapter: str = "runs/finetuned"
     """A run folder (or any folder) holding adapter.safetensors and adapter.json."""
@@ -74,7 +79,7 @@ def main(cfg: Config) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.out
     if run_dir.exists() and not cfg.overwrite:
         raise UserError(f"{run_dir} exists; pass --overwrite to replace it or pick another --out")
-    loaded = load_model(base)
+    loaded = load_model(base, cfg.device, cfg.dtype)
     model = loaded.model
     lora = info["lora"]
     if info.get("method") == "qlora":
@@ -86,7 +91,7 @@ def main(cfg: Config) -> int:
     load_adapter_state_dict(model, tensors, str(folder / ADAPTER_FILE))
     model.eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, min(32, model.cfg.block_size)),
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0)).to(model.tok_emb.weight.device)
     with torch.no_grad():
         unmerged = model(x)
         dequantize_nf4(merge_lora(model))

@@ -4,7 +4,9 @@
 /metrics (Prometheus). Requests join the running batch between decode steps (up to
 --max_batch at once; up to --max_queue more wait, beyond that: HTTP 429). Binds 127.0.0.1
 unless told otherwise; --api_key makes every /v1 call need "Authorization: Bearer KEY". One
-JSON line per request goes to stderr. Needs: pip install 'lmforge[serve]'.
+JSON line per request goes to stderr. --draft RUN (a smaller run with the same tokenizer)
+decodes speculatively: the same greedy text, the same sampling distribution, fewer forwards of
+the big model. Needs: pip install 'lmforge[serve]'.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from dataclasses import dataclass, field
 from lmforge.config import ConfigError, UserError
 from lmforge.infer.chat import ChatTemplate, resolve_chat_template
 from lmforge.infer.engine import Engine
+from lmforge.infer.speculative import check_draft_tokenizer
 from lmforge.run import LoadedModel, Placement, load_model
 
 EXAMPLES = """
 lmforge serve --run runs/shakespeare
 lmforge serve --run runs/smollm2 --template chatml --max_batch 16 --port 8080
+lmforge serve --run runs/big --draft runs/small --draft_tokens 4
 LMFORGE_API_KEY=secret lmforge serve --run runs/shakespeare --host 0.0.0.0 --rate_limit 60/min
 """
 _WINDOWS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
@@ -54,6 +58,10 @@ class Config(Placement):
     """Positions per slot (prompt + answer); null = the model's context. The KV cache of all slots is preallocated: lower this for long-context models."""
     template: str | None = None
     """Chat template: chatml or a .jinja file; null = the run folder's own (chat is refused without one)."""
+    draft: str | None = None
+    """A smaller run with the same tokenizer that proposes tokens for every running request (speculative decoding: the same greedy text, the same sampling distribution; requests with penalties are refused); null = none."""
+    draft_tokens: int = 4
+    """Tokens the draft proposes per request and step (with --draft)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -65,6 +73,8 @@ class Config(Placement):
                               f"{self.max_len}")
         if self.max_queue < 0:
             raise ConfigError(f"max_queue: must be >= 0, got {self.max_queue}")
+        if self.draft_tokens < 1:
+            raise ConfigError(f"draft_tokens: must be >= 1, got {self.draft_tokens}")
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
 
@@ -103,10 +113,14 @@ def main(cfg: Config) -> int:
     keys = tuple(cfg.api_key) or tuple(k for k in [os.environ.get("LMFORGE_API_KEY")] if k)
     _check_port(cfg.host, cfg.port)
     loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
+    draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
+    if draft is not None:
+        check_draft_tokenizer(cfg.run, cfg.draft or "", loaded.tokenizer, draft.tokenizer)
     template = chat_template(loaded, cfg.template)
     engine = Engine(loaded.model, loaded.tokenizer.decode, eos_id=loaded.eos_id,
                     stop_ids=loaded.eos_ids,
-                    max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len)
+                    max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
+                    draft=None if draft is None else draft.model, draft_tokens=cfg.draft_tokens)
     kv_bytes = (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size()
     kv_bytes = kv_bytes // engine.cache.capacity * engine.cache.max_len  # once it has grown
     limit, window = parse_rate(cfg.rate_limit) if cfg.rate_limit else (None, 60.0)
@@ -115,6 +129,8 @@ def main(cfg: Config) -> int:
                   ServeSettings(name, keys, limit, window))
     _setup_logging()
     chat = "chat: " + (template.origin if template else "off (no template; --template chatml)")
+    if draft is not None:
+        chat += f", draft: {draft.run_dir.name} x {cfg.draft_tokens} tokens"
     print(f"lmforge serve: {name} (step {loaded.step}) at http://{cfg.host}:{cfg.port}/v1  "
           f"[max_batch {cfg.max_batch} x {engine.context} positions (KV cache "
           f"up to {kv_bytes / 2**20:,.0f} MiB, grown on demand), max_queue {cfg.max_queue}, {chat}, "

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from lmforge.config import UserError
 from lmforge.infer.chat import ChatTemplate, stop_token_ids
 from lmforge.infer.engine import Engine, Event, InvalidRequest, QueueFull, SamplingParams
+from lmforge.infer.sampling import fit_prompt
 
 log = logging.getLogger("lmforge.serve")
 
@@ -209,6 +210,10 @@ class Metrics:
         self.queue_depth = Gauge("lmforge_queue_depth", "Requests waiting for a slot",
                                  registry=r)
         self.active = Gauge("lmforge_active_requests", "Requests holding a slot", registry=r)
+        self.drafted = Gauge("lmforge_draft_tokens_proposed", "Tokens the draft model proposed "
+                             "(serve --draft)", registry=r)
+        self.accepted = Gauge("lmforge_draft_tokens_accepted", "Draft tokens the served model "
+                              "kept (serve --draft)", registry=r)
 
 
 class RateLimiter:
@@ -249,12 +254,20 @@ class State:
 
 
 class Job:
-    """The engine requests behind one HTTP request (one per choice) and their events."""
+    """The engine requests behind one HTTP request (one per choice) and their events.
+
+    The engine thread appends events to a deque and wakes the event loop only when it sleeps
+    on them, and for a response sent whole only at a choice's first and last event: one loop
+    wake-up per token and request cost the engine thread its core and the GIL at every step
+    (measured in benchmarks/generation.py, `lmforge serve` throughput).
+    """
 
     def __init__(self, state: State, prompts: list[list[int]], params: list[SamplingParams],
-                 rid: str) -> None:
+                 rid: str, stream: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.pending: deque[tuple[int, Event]] = deque()  # appended by the engine thread
+        self.ready = asyncio.Event()  # set (in the loop) when pending may have something
+        self.stream, self.waiting = stream, False
         self.handles = []
         self.start, self.ttft = time.perf_counter(), state.metrics.ttft
         try:
@@ -266,8 +279,16 @@ class Job:
             raise
 
     def _sink(self, index: int) -> Callable[[Event], None]:
+        first = True
+
         def put(event: Event) -> None:  # runs in the engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            nonlocal first
+            self.pending.append((index, event))
+            wanted = self.stream or first or event.finish_reason is not None
+            first = False
+            if wanted and not self.waiting:
+                self.waiting = True  # one wake-up until the loop has drained the deque
+                self.loop.call_soon_threadsafe(self.ready.set)
         return put
 
     def cancel(self) -> None:
@@ -280,23 +301,24 @@ class Job:
         client of a non-streamed request has left (a stream notices when a write fails)."""
         left, checked = len(self.handles), time.monotonic()
         while left:
-            try:
-                item = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except TimeoutError:
-                item = None
+            if not self.pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ready.wait(), timeout=1.0)
+                # Cleared before draining: an event appended after this point wakes us again.
+                self.ready.clear()
+                self.waiting = False
             if request is not None and time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel()
                     return
-            if item is None:
-                continue
-            index, event = item
-            if self.ttft is not None:  # the first event carries the first token
-                self.ttft.observe(time.perf_counter() - self.start)
-                self.ttft = None
-            left -= event.finish_reason is not None
-            yield index, event
+            while self.pending:
+                index, event = self.pending.popleft()
+                if self.ttft is not None:  # the first event carries the first token
+                    self.ttft.observe(time.perf_counter() - self.start)
+                    self.ttft = None
+                left -= event.finish_reason is not None
+                yield index, event
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -463,7 +485,7 @@ async def chat_completions(state: State, request: Request) -> Response:
     if max_tokens is None:
         max_tokens = opt(body, "max_tokens", "int")
     if max_tokens is None:  # OpenAI's default for chat: whatever the context leaves
-        max_tokens = max(1, state.engine.context - len(ids))
+        max_tokens = fit_prompt(ids, None, state.engine.context, truncate=False)[1]
     stop_ids = stop_token_ids(template.stop, state.tokenizer.token_to_id)
     base = sampling_params(body, max_tokens, template.stop, stop_ids)
     return await _run(state, request, body, [ids] * n, _choice_params(body, base, n), chat=True)
@@ -482,10 +504,11 @@ async def _run(state: State, request: Request, body: dict[str, Any], prompts: li
     include_usage = _stream_options(body)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     request.scope["lmforge.log"]["id"] = rid
-    job = Job(state, prompts, params, rid)
+    stream = bool(opt(body, "stream", "bool", False))
+    job = Job(state, prompts, params, rid, stream)
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": state.settings.model_name}
-    if opt(body, "stream", "bool", False):
+    if stream:
         return StreamingResponse(_stream(state, request, job, head, chat, include_usage),
                                  media_type="text/event-stream")
     texts: dict[int, list[str]] = defaultdict(list)
@@ -571,6 +594,8 @@ async def metrics(state: State, request: Request) -> Response:
     """GET /metrics in Prometheus' text format."""
     state.metrics.queue_depth.set(state.engine.queue_depth)
     state.metrics.active.set(state.engine.active)
+    state.metrics.drafted.set(state.engine.spec.proposed)
+    state.metrics.accepted.set(state.engine.spec.accepted)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
