@@ -106,7 +106,8 @@ def speculative_generate(
         raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     stats = stats if stats is not None else SpecStats()
     block = min(target.cfg.block_size, draft.cfg.block_size)
-    seq = fit_prompt(prompt_ids, max_new_tokens, block, truncate=True)[0]
+    seq, room = fit_prompt(prompt_ids, max_new_tokens, block, truncate=True)
+    max_new_tokens = min(max_new_tokens, room)  # prompt + new tokens <= block, as generate
     device = target.tok_emb.weight.device
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     tcache, dcache = target.new_cache(1, block), draft.new_cache(1, block)
