@@ -841,22 +841,21 @@ def _check_ids(vocab_size: int, length: int) -> Tensor:
     return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
 
 
-def load_back_check(model: Decoder, folder: Path, dtype: torch.dtype) -> float:
-    """Load ``folder`` with transformers and return max |Δlogits| against ``model``, in fp32.
+def load_exported(auto_class: str, folder: Path) -> Any:
+    """``transformers.<auto_class>.from_pretrained(folder)`` in fp32, without progress bars.
 
-    ``model`` is rounded in place to the written ``dtype`` (and kept in fp32), so both sides
-    hold the same numbers. UserError when transformers reports missing/unexpected/mismatched
-    keys: the check then compares nothing, and an output it cannot load is no export.
+    UserError when transformers is missing, or when it reports missing/unexpected/mismatched
+    keys: a check would then compare nothing, and an output it cannot load is no export.
     """
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise UserError("the hf export checks its output with transformers; "
                         "pip install transformers") from None
     hf_logging.disable_progress_bar()  # a bar per load is noise in a one-line report
     try:
-        theirs, info = AutoModelForCausalLM.from_pretrained(
+        theirs, info = getattr(transformers, auto_class).from_pretrained(
             str(folder), dtype=torch.float32, output_loading_info=True)
     finally:
         hf_logging.enable_progress_bar()
@@ -864,6 +863,17 @@ def load_back_check(model: Decoder, folder: Path, dtype: torch.dtype) -> float:
         if keys:
             raise UserError(f"{folder}: transformers reports {kind} {sorted(map(str, keys))[:3]}; "
                             "the export does not load cleanly (please report this)")
+    return theirs
+
+
+def load_back_check(model: Decoder, folder: Path, dtype: torch.dtype) -> float:
+    """Load ``folder`` with transformers and return max |Δlogits| against ``model``, in fp32.
+
+    ``model`` is rounded in place to the written ``dtype`` (and kept in fp32), so both sides
+    hold the same numbers. UserError when transformers reports missing/unexpected/mismatched
+    keys: the check then compares nothing, and an output it cannot load is no export.
+    """
+    theirs = load_exported("AutoModelForCausalLM", folder)
     model.to(dtype).float()
     idx = _check_ids(model.cfg.vocab_size, min(model.cfg.block_size, 64))
     with torch.no_grad():
@@ -1034,25 +1044,9 @@ def bert_load_back_check(model: EncoderForMaskedLM | EncoderForClassification, f
 
     ``model`` is rounded in place to the written ``dtype`` (kept in fp32), as ``load_back_check``.
     """
-    try:
-        import transformers
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise UserError("the hf export checks its output with transformers; "
-                        "pip install transformers") from None
     classify = isinstance(model, EncoderForClassification)
-    auto = (transformers.AutoModelForSequenceClassification if classify
-            else transformers.AutoModelForMaskedLM)
-    hf_logging.disable_progress_bar()
-    try:
-        theirs, info = auto.from_pretrained(str(folder), dtype=torch.float32,
-                                            output_loading_info=True)
-    finally:
-        hf_logging.enable_progress_bar()
-    for kind, keys in info.items():
-        if keys:
-            raise UserError(f"{folder}: transformers reports {kind} {sorted(map(str, keys))[:3]}; "
-                            "the export does not load cleanly (please report this)")
+    auto = "AutoModelForSequenceClassification" if classify else "AutoModelForMaskedLM"
+    theirs = load_exported(auto, folder)
     model.to(dtype).float()
     idx, mask, types = bert_check_inputs(model.cfg, min(model.cfg.block_size, 64))
     with torch.no_grad():

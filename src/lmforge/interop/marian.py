@@ -39,6 +39,7 @@ from lmforge.interop.hf import (
     GENERATION_FILE,
     TOKENIZER_FILE,
     SafetensorsFolder,
+    load_exported,
     read_json,
     save_weights,
 )
@@ -190,22 +191,7 @@ def load_back_check(model: Seq2Seq, folder: Path, dtype: torch.dtype) -> float:
     ``model`` is rounded in place to the written ``dtype`` (kept in fp32), as hf's checks.
     UserError when transformers reports missing/unexpected/mismatched keys.
     """
-    try:
-        from transformers import AutoModelForSeq2SeqLM
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise UserError("the hf export checks its output with transformers; "
-                        "pip install transformers") from None
-    hf_logging.disable_progress_bar()
-    try:
-        theirs, info = AutoModelForSeq2SeqLM.from_pretrained(
-            str(folder), dtype=torch.float32, output_loading_info=True)
-    finally:
-        hf_logging.enable_progress_bar()
-    for kind, keys in info.items():
-        if keys:
-            raise UserError(f"{folder}: transformers reports {kind} {sorted(map(str, keys))[:3]}; "
-                            "the export does not load cleanly (please report this)")
+    theirs = load_exported("AutoModelForSeq2SeqLM", folder)
     model.to(dtype).float()
     src, mask, tgt = check_inputs(model.cfg, min(model.cfg.block_size, 32))
     with torch.no_grad():
