@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,43 @@ def test_mixture_weights_honoured_in_tokens(tmp_path: Path) -> None:
         prepare(PrepareConfig(inputs=[str(tmp_path / f) for f in ("b.jsonl", "c.jsonl")],
                               out=str(tmp_path / "x"), vocab_size=400, weights=[1, 1]))
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- encoding pipeline
+
+
+def test_encode_stream_keeps_order_across_overlapped_batches(
+    tok_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are encoded in a worker thread while the next is read: the order and ids must be
+    exactly those of encoding each document alone, whatever the batch boundaries."""
+    from lmforge.data import shards
+
+    tok = Tokenizer.from_file(str(tok_file))
+    paras = _paragraphs()[:300]
+    expected = [tok.encode(p, add_special_tokens=False).ids for p in paras]
+    for docs_per_batch in (1, 7, 1000):
+        monkeypatch.setattr(shards, "_BATCH_DOCS", docs_per_batch)
+        out = list(shards.encode_stream(tok, enumerate(paras)))
+        assert [g for g, _, _ in out] == list(range(len(paras)))
+        assert [t for _, t, _ in out] == paras
+        assert [i for _, _, i in out] == expected
+
+
+def test_encode_stream_passes_a_reader_error_and_stops(tok_file: Path) -> None:
+    """A bad input found while the previous batch is being encoded surfaces as itself."""
+    from lmforge.data import shards
+
+    tok = Tokenizer.from_file(str(tok_file))
+
+    def docs() -> Iterator[tuple[int, str]]:
+        for n in range(600):
+            if n == 400:
+                raise UserError("corpus.jsonl:401: not valid JSON")
+            yield n, f"document number {n} " * 20
+
+    seen = []
+    with pytest.raises(UserError, match="corpus.jsonl:401"):
+        for n, _, _ in shards.encode_stream(tok, docs()):
+            seen.append(n)
+    assert seen == list(range(len(seen))) and len(seen) < 400

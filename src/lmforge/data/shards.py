@@ -12,6 +12,7 @@ shard holds the tokens of one source only and the loader can weight sources by t
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -45,22 +46,49 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def encode_stream(
-    tok: Tokenizer, docs: Iterable[tuple[T, str]]
-) -> Iterator[tuple[T, str, list[int]]]:
-    """Yield ``(tag, text, ids)`` for each ``(tag, text)``, encoding modest batches at a time."""
+def _batches(docs: Iterable[tuple[T, str]]) -> Iterator[list[tuple[T, str]]]:
+    """``docs`` cut into batches of about ``_BATCH_CHARS`` characters or ``_BATCH_DOCS`` documents."""
     batch: list[tuple[T, str]] = []
     chars = 0
     for tag, text in docs:
         batch.append((tag, text))
         chars += len(text)
         if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            ids = encode_batch(tok, [t for _, t in batch])
-            yield from ((g, t, i) for (g, t), i in zip(batch, ids))
+            yield batch
             batch, chars = [], 0
     if batch:
-        ids = encode_batch(tok, [t for _, t in batch])
-        yield from ((g, t, i) for (g, t), i in zip(batch, ids))
+        yield batch
+
+
+def encode_stream(
+    tok: Tokenizer, docs: Iterable[tuple[T, str]]
+) -> Iterator[tuple[T, str, list[int]]]:
+    """Yield ``(tag, text, ids)`` for each ``(tag, text)``, in order, encoding modest batches.
+
+    One batch is encoded in a worker thread (the Rust side releases the GIL) while this thread
+    reads and cleans the next one and the caller writes the previous one's ids, so lmforge's
+    own Python overlaps the encoding instead of running between encodings. At most two batches
+    are in memory at once.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-encode") as pool:
+        pending: tuple[list[tuple[T, str]], Future[list[list[int]]]] | None = None
+        try:
+            for batch in _batches(docs):
+                future = pool.submit(encode_batch, tok, [t for _, t in batch])
+                if pending is not None:
+                    yield from _zipped(*pending)
+                pending = (batch, future)
+            if pending is not None:
+                yield from _zipped(*pending)
+        finally:  # the caller stopped early or failed: drop the batch being encoded
+            if pending is not None:
+                pending[1].cancel()
+
+
+def _zipped(
+    batch: list[tuple[T, str]], future: Future[list[list[int]]]
+) -> Iterator[tuple[T, str, list[int]]]:
+    return ((g, t, i) for (g, t), i in zip(batch, future.result(), strict=True))
 
 
 class ShardWriter:
