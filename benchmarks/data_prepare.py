@@ -12,7 +12,7 @@ byte-level BPE trainer (``train_from_iterator``), then stream it again through
 ``encode_batch_fast`` (``encode_batch`` without character offsets, the library's fastest
 batch encoder) and append uint16 ids to one file; no cleaning, dedup, split or report.
 
-    python benchmarks/data_prepare.py [--sizes 10,100] [--repeats 2]
+    python benchmarks/data_prepare.py [--sizes 10,100] [--repeats 2] [--encoding_only]
 """
 
 from __future__ import annotations
@@ -53,14 +53,20 @@ def texts():
     with open(src, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)["text"]
+def trained(lines):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
 t0 = time.perf_counter()
-tok = Tokenizer(models.BPE())
-tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-tok.decoder = decoders.ByteLevel()
-trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
-                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                              show_progress=False)
-tok.train_from_iterator(texts(), trainer=trainer)
+if len(sys.argv) > 3:  # encoding only, with a given tokenizer
+    tok = Tokenizer.from_file(sys.argv[3])
+else:
+    tok = trained(texts())
 t1 = time.perf_counter()
 eos = tok.token_to_id("<|endoftext|>")
 encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: the fastest path
@@ -75,7 +81,8 @@ with open(out, "wb") as f:
     for enc in encode(batch):
         np.asarray(enc.ids + [eos], dtype=np.uint16).tofile(f)
 t2 = time.perf_counter()
-print(json.dumps({"seconds_tokenizer": t1 - t0, "seconds_encoding": t2 - t1}))
+print(json.dumps({"seconds_tokenizer": t1 - t0 if len(sys.argv) <= 3 else None,
+                  "seconds_encoding": t2 - t1}))
 """
 
 
@@ -113,14 +120,16 @@ def _phases(report: Path | None, result: dict) -> dict:
         r = json.loads(report.read_text())
     else:
         r = result["child_stdout"]
-    return {"tokenizer": r["seconds_tokenizer"], "encoding": r["seconds_encoding"]}
+    return {"tokenizer": r.get("seconds_tokenizer") or float("nan"),
+            "encoding": r["seconds_encoding"]}
 
 
-def measure(megabytes: float, work: Path, repeats: int) -> dict:
+def measure(megabytes: float, work: Path, repeats: int, encoding_only: bool = False) -> dict:
     """lmforge and the peer on one corpus size, alternated; the best of ``repeats`` each.
 
     The best (not the median) of a few, per phase: a shared machine's load only ever slows
-    a run down.
+    a run down. ``encoding_only``: both encode with one tokenizer trained beforehand (by
+    ``tokenizers`` on the first 20 MB), so a long run times the encoding pass alone.
     """
     src = work / f"corpus_{megabytes:g}mb.jsonl"
     size = make_corpus(src, megabytes)
@@ -130,6 +139,15 @@ def measure(megabytes: float, work: Path, repeats: int) -> dict:
                     str(out), "--vocab_size", "4096", "--overwrite", "true"],
         "peer": [sys.executable, "-c", PEER, str(src), str(peer_out)],
     }
+    if encoding_only:
+        tok = work / "tokenizer.json"
+        if not tok.exists():
+            sample = work / "sample_20mb.jsonl"
+            make_corpus(sample, 20)
+            code = PEER.split("t0 = time.perf_counter()")[0] + "trained(texts()).save(sys.argv[3])"
+            subprocess.run([sys.executable, "-c", code, str(sample), "-", str(tok)], check=True)
+        cmds["lmforge"][-4:-2] = ["--tokenizer", str(tok)]
+        cmds["peer"].append(str(tok))
     reports = {"lmforge": out / "report.json", "peer": None}
     runs: dict[str, list[dict]] = {name: [] for name in cmds}
     for _ in range(repeats):
@@ -139,7 +157,9 @@ def measure(megabytes: float, work: Path, repeats: int) -> dict:
     return {"megabytes": size / 1e6, **best}
 
 
-def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
+def run(
+    sizes: tuple[float, ...] = (10, 100), repeats: int = 2, encoding_only: bool = False
+) -> Section:
     """The RESULTS.md section."""
     section = Section(
         title="Data preparation: `lmforge data prepare` vs the `tokenizers` library",
@@ -151,7 +171,9 @@ def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
                 "lmforge's second pass (read, clean, dedup, per-document split, "
                 "`encode_batch_fast`, write) against `encode_batch_fast` + write of the same "
                 f"file. MB = 10^6 bytes of input. The two alternate, {repeats} runs each; the fastest of each phase is "
-                "shown (load only ever slows a run)."),
+                "shown (load only ever slows a run)."
+                + (" This run: encoding only, both sides given one tokenizer trained on 20 MB "
+                   "of the same corpus beforehand (`--encoding_only`)." if encoding_only else "")),
         columns=["input", "training MB/s: lmforge", "`train_from_iterator`", "ratio",
                  "encoding MB/s: lmforge", "`encode_batch_fast`", "ratio", "lmforge peak RSS",
                  "peer peak RSS", "lmforge RSS vs smallest input"],
@@ -159,12 +181,15 @@ def run(sizes: tuple[float, ...] = (10, 100), repeats: int = 2) -> Section:
     results = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-data-") as tmp:
         for mb in sizes:
-            results.append(measure(mb, Path(tmp), repeats))
+            results.append(measure(mb, Path(tmp), repeats, encoding_only))
     base_rss = results[0]["lmforge"]["peak_rss"]
     for r in results:
         ours, peer, mb = r["lmforge"], r["peer"], r["megabytes"]
         row = [f"{mb:.1f} MB"]
         for phase in ("tokenizer", "encoding"):
+            if encoding_only and phase == "tokenizer":
+                row += ["-", "-", "-"]
+                continue
             a, b = mb / ours[phase], mb / peer[phase]
             row += [f"{a:.2f}", f"{b:.2f}", f"**{a / b:.2f}**"]
         row += [f"{ours['peak_rss'] / 2**20:.0f} MiB", f"{peer['peak_rss'] / 2**20:.0f} MiB",
@@ -178,8 +203,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,100", help="input sizes in MB, comma-separated")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each, the best kept")
+    ap.add_argument("--encoding_only", action="store_true",
+                    help="time the encoding pass alone, both sides given one tokenizer trained "
+                         "on 20 MB first (default: off, train and encode)")
     args = ap.parse_args()
-    print(run(tuple(float(s) for s in args.sizes.split(",")), args.repeats).markdown())
+    sizes = tuple(float(s) for s in args.sizes.split(","))
+    print(run(sizes, args.repeats, args.encoding_only).markdown())
 
 
 if __name__ == "__main__":
