@@ -10,7 +10,7 @@ import pytest
 from lmforge import cli
 from lmforge.config import UserError
 from lmforge.eval.fewshot import draw_shots, with_shots
-from lmforge.recipes import eval as eval_recipe
+from lmforge.evaluation import metrics as eval_metrics
 from tests.serve import make_tiny_run
 
 
@@ -54,7 +54,7 @@ def test_eval_shots_put_other_rows_before_each_question(tmp_path: Path,
         prompts.append(prompt)
         return "It is 2."
 
-    monkeypatch.setattr(eval_recipe, "_answer", answer)
+    monkeypatch.setattr(eval_metrics, "_answer", answer)
     args = ["eval", str(run), "--data", str(data), "--shots", "2", "--seed", "5"]
     assert cli.run(args) == 0
     result = json.loads((run / "eval_qa.json").read_text())
