@@ -25,7 +25,8 @@ from rich.table import Table
 from lmforge.config import ConfigError, UserError, build, leaf_names
 from lmforge.pretraining import main as pretrain_main
 from lmforge.pretraining import options as pretrain
-from lmforge.utils.io import atomic_write_bytes, atomic_write_json
+from lmforge.utils.io import atomic_write_json
+from lmforge.utils.plot import plot_sweep
 
 EXAMPLES = """
 lmforge sweep --name lr --grid optim.lr=1e-3,2e-3,4e-3,8e-3 --base 'preset=llama-1m train.max_steps=100'
@@ -230,45 +231,3 @@ def results_table(cfg: Config, rows: list[dict[str, Any]]) -> Table:
         style = "bold" if best is not None and r["val_loss"] == best else None
         t.add_row(*cells, style=style)
     return t
-
-
-def _numeric(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
-def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    """Val loss against the first option, one line per value of the second (atomic PNG)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(rows[0]["settings"])
-    xs = list(dict.fromkeys(r["settings"][keys[0]] for r in rows))
-    numeric = _numeric(xs)
-    pos = {x: (x if numeric else i) for i, x in enumerate(xs)}
-    series = dict.fromkeys(r["settings"][keys[1]] for r in rows) if len(keys) > 1 else {None: 0}
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for s in series:
-        pts = [(pos[r["settings"][keys[0]]], r["val_loss"]) for r in rows
-               if (s is None or r["settings"][keys[1]] == s) and r["val_loss"] is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=None if s is None else f"{keys[1]}={s}")
-    if numeric and min(xs) > 0 and max(xs) / min(xs) >= 4:
-        ax.set_xscale("log")  # learning rates and sizes are swept in ratios
-        ax.minorticks_off()
-    ax.set_xticks([pos[x] for x in xs], [f"{x:g}" if numeric else str(x) for x in xs])
-    diverged = sum(r["error"] is not None for r in rows)
-    ax.set_title(title + (f" ({diverged} diverged)" if diverged else ""))
-    ax.set_xlabel(keys[0])
-    ax.set_ylabel("val loss (nats/token)")
-    ax.grid(alpha=0.3)
-    if len(keys) > 1:
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
