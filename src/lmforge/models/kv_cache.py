@@ -5,10 +5,11 @@ Two caches share one interface: ``KVCache`` (rows of one length: generate) and `
 positions, G = key/value heads, D = head_dim; each layer has its own (B, G, S, D) buffers.
 
 A sliding-window layer (Mistral's ``sliding_window``, Gemma's ``local_layers``) keeps at most
-``window + rollback`` positions: a ring buffer where position p lives in slot p % size (gpt-fast's
-static layout; transformers' ``StaticSlidingWindowLayer`` keeps the same bound by rolling). The
-position a slot holds follows from the position of the last write (``ring_positions``), so the
-masks need no Python state and the one-token decode step keeps fixed shapes. A chunk of T > 1
+``window + rollback`` positions: a ring buffer where position p lives in slot p % size
+(transformers' ``StaticSlidingWindowLayer`` keeps the same bound by rolling its buffer instead).
+A sequence writes its positions in order from 0, so the position a slot holds follows from the
+position of the last write (``ring_positions``): the masks need no Python state and the
+one-token decode step keeps fixed shapes, as torch.compile wants. A chunk of T > 1
 new tokens would overwrite keys its own first queries still need, so it attends over the ring
 as it was followed by the chunk, then writes the chunk's last positions into the ring (as
 transformers does for a prefill past the window). ``rollback`` is how many positions a caller
