@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from rich.console import Console
@@ -38,7 +38,14 @@ from lmforge.interop.hf import (
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import EncoderForClassification, EncoderForMaskedLM
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from lmforge.run import LoadedModel, RunSpec, build_model, load_model, read_run_spec
+from lmforge.run import (
+    LoadedModel,
+    RunSpec,
+    build_model,
+    load_model,
+    read_run_spec,
+    resolve_placement,
+)
 from lmforge.utils.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,6 +86,8 @@ class ExportConfig:
     """Largest max |Δlogits| (fp32) the load-back check accepts; null = the format's default (1e-4 for hf, onnx, gguf f32; gguf f16 0.25, bf16 1.5, q8_0 4, q4_0 30, q6_k 8, q5_k_m 30, q4_k_m 40)."""
     overwrite: bool = False
     """Replace --out if it exists."""
+    device: str = "auto"
+    """Where the run is opened: auto (cuda when there is one, else cpu), cpu, cuda or cuda:N. The export is written and checked from the CPU in fp32, so its files are the same on any device."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -92,6 +101,7 @@ class ExportConfig:
                               f"--out {Path(self.out).with_suffix('')}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ConfigError(f"tolerance: must be > 0, got {self.tolerance}")
+        resolve_placement(self.device)  # a bad --device or a missing GPU: before any work
         if self.format != "hf" and self.dtype != "auto":
             hint = "--gguf_type" if self.format == "gguf" else "nothing: onnx is fp32"
             raise ConfigError(f"dtype: applies to --format hf only; for {self.format} use {hint}")
@@ -288,7 +298,7 @@ def export_encoder(spec: RunSpec, cfg: ExportConfig, console: Console,
     if cfg.format != "hf":
         raise UserError(f"{cfg.run}: an encoder run exports only as --format hf, "
                         f"not {cfg.format}")
-    model = build_model(spec)
+    model = _on_cpu(build_model(spec, _device(cfg)))
     assert isinstance(model, EncoderForMaskedLM | EncoderForClassification)
     labels = list(spec.labels) or None
     pad_id = load_tokenizer(spec.tokenizer).token_to_id(PAD_TOKEN)
@@ -328,7 +338,7 @@ def export_seq2seq(spec: RunSpec, cfg: ExportConfig, console: Console,
     assert isinstance(spec.model_cfg, Seq2SeqConfig)
     marian.export_architecture(spec.model_cfg)  # a refusal before any work
     ids = _seq2seq_ids(spec)
-    model = build_model(spec)
+    model = _on_cpu(build_model(spec, _device(cfg)))
     assert isinstance(model, Seq2Seq)
     dtype = checkpoint_dtype(spec.checkpoint) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     params = model.num_params()
@@ -340,6 +350,20 @@ def export_seq2seq(spec: RunSpec, cfg: ExportConfig, console: Console,
             diff, "transformers", f"{arch}; teacher-forced, padded source", _name(dtype),
             {"architecture": arch, "decoder start / end / padding token ids":
              f"{ids.start} / {ids.eos} / {ids.pad}"}), params, t0, repo)
+
+
+def _device(cfg: ExportConfig) -> torch.device:
+    return resolve_placement(cfg.device, torch.float32)[0]
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def _on_cpu(model: M) -> M:
+    """The model opened on --device, moved to the CPU (fp32 weights move exactly): the writers
+    store CPU tensors and the readers that check the export (transformers, gguf, onnxruntime)
+    run there, so the files and the check are the same whichever device opened the run."""
+    return model.to("cpu")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -399,7 +423,8 @@ def export_decoder(spec: RunSpec, cfg: ExportConfig, console: Console,
 
     ``repo`` (a Hub name, from `lmforge push`) goes into the model card's loading snippets.
     """
-    loaded = load_model(spec.checkpoint)
+    loaded = load_model(spec.checkpoint, cfg.device, torch.float32)
+    loaded.model = _on_cpu(loaded.model)
     # LoRA hook: a run holding an adapter already holds the merged weights too (finetune
     # saves both), so every format below stores plain dense weights.
     with _writing(cfg) as tmp:

@@ -32,8 +32,8 @@ def test_engine_with_a_draft_on_cuda_gives_the_targets_greedy_tokens(dtype: torc
     prompts = [[1, 2, 3], list(range(10, 30)), [5], [7, 7, 7, 7], [40, 41]]
     handles = [engine.submit(p, SamplingParams(max_tokens=20, temperature=0.0)) for p in prompts]
     results = [h.result().token_ids for h in handles]
-    assert engine.cache.k.device.type == "cuda" and engine.draft_cache is not None
-    assert engine.draft_cache.k.dtype == dtype
+    assert engine.cache.k[0].device.type == "cuda" and engine.draft_cache is not None
+    assert engine.draft_cache.k[0].dtype == dtype
     for prompt, got in zip(prompts, results):
         assert len(got) == 20
         if dtype == torch.float32:  # bf16 rounding may flip a near tie between two forwards

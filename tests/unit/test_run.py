@@ -97,7 +97,7 @@ def test_inference_commands_run_in_the_dtype_asked_for(tiny_run: Path,
         assert fields["device"].default == "auto" and fields["dtype"].default == "auto"
     lm = lmforge.load(tiny_run, dtype="bf16")
     assert isinstance(lm, LM) and lm.model.lm_head.weight.dtype == torch.bfloat16
-    assert lm.engine.cache.k.dtype == torch.bfloat16  # the KV cache in the model's dtype
+    assert lm.engine.cache.k[0].dtype == torch.bfloat16  # the KV cache in the model's dtype
     assert isinstance(lm.generate("The", max_new_tokens=4, temperature=0), str)
     generate.main(generate.Config(run=str(tiny_run), prompt="The", max_new_tokens=4,
                                   greedy=True, dtype="bf16", device="cpu"))

@@ -190,14 +190,16 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_emb.weight.device
         # Positions grow on demand (doubling): no batch x context preallocation up front.
-        self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS)
+        rollback = 0 if draft is None else draft_tokens  # a round cuts back up to k positions
+        self.cache = model.new_row_cache(max_batch, max_len, reserve=INITIAL_POSITIONS,
+                                         rollback=rollback)
         self.context = self.cache.max_len  # positions a request may use
         self.draft, self.draft_tokens, self.spec = draft, draft_tokens, SpecStats()
         self.draft_cache: RowKVCache | None = None
         if draft is not None:
             check_draft(model, draft, draft_tokens)
             self.draft_cache = draft.new_row_cache(max_batch, self.context,
-                                                   reserve=INITIAL_POSITIONS)
+                                                   reserve=INITIAL_POSITIONS, rollback=rollback)
             self.context = self.draft_cache.max_len  # the smaller of the two contexts
         self._queue: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index = cache row; touched only by the stepping thread

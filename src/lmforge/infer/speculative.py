@@ -110,7 +110,8 @@ def speculative_generate(
     max_new_tokens = min(max_new_tokens, room)  # prompt + new tokens <= block, as generate
     device = target.tok_emb.weight.device
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    tcache, dcache = target.new_cache(1, block), draft.new_cache(1, block)
+    # Rounds cut the caches back by up to k positions: sliding layers keep k more.
+    tcache, dcache = target.new_cache(1, block, k), draft.new_cache(1, block, k)
     produced = 0
     while produced < max_new_tokens and len(seq) <= block:
         n = min(k, block - len(seq), max_new_tokens - produced - 1)  # draft tokens this round

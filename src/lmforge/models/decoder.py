@@ -429,7 +429,7 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C); ``rope`` holds the (T, D) or (B, 1, T, D) position tables.
 
         ``mask`` (B, 1, T, T), from ``segment_mask``, replaces the causal mask (packed rows);
-        with a static ``KVCache`` it is the (T, max_len) mask of positions ``input_pos`` (T,).
+        with a static ``KVCache`` it is the (T, S) mask of positions ``input_pos`` (T,).
         """
         B, T, _ = x.shape
         D = self.cfg.head_dim
@@ -446,7 +446,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if isinstance(cache, KVCache):
             assert input_pos is not None and mask is not None
-            k, v = cache.update(self.layer, k, v, input_pos)  # (B, G, max_len, D)
+            k, v = cache.update(self.layer, k, v, input_pos)  # (B, G, S, D), S fixed per layer
         elif cache is not None:
             mask = cache.attn_mask(T, self.window, x.device)
             k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = past + T
@@ -652,20 +652,28 @@ class Decoder(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default block_size)."""
+    def new_cache(self, batch: int, max_len: int | None = None, rollback: int = 0) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default block_size),
+        in the weights' dtype; sliding layers keep their window (+ ``rollback``, the positions
+        a caller may cut back) only."""
         cfg, w = self.cfg, self.tok_emb.weight
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
-        return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+        return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device,
+                       self.layer_windows(), rollback)
 
     def new_row_cache(self, batch: int, max_len: int | None = None,
-                      reserve: int | None = None) -> RowKVCache:
+                      reserve: int | None = None, rollback: int = 0) -> RowKVCache:
         """An empty ``RowKVCache``: ``batch`` independent rows of up to ``max_len`` positions,
-        ``reserve`` of them allocated now (default all; it grows on demand)."""
+        ``reserve`` of them allocated now (default all; it grows on demand, sliding layers up
+        to their window + ``rollback``)."""
         cfg, w = self.cfg, self.tok_emb.weight
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         return RowKVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype,
-                          w.device, reserve)
+                          w.device, reserve, self.layer_windows(), rollback)
+
+    def layer_windows(self) -> list[int | None]:
+        """The sliding window of each layer (None: full attention)."""
+        return [self.cfg.window(i) for i in range(self.cfg.n_layer)]
 
     def forward(self, idx: Tensor, cache: Cache | None = None,
                 segments: Tensor | None = None, hidden: bool = False,

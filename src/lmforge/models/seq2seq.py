@@ -150,7 +150,7 @@ def sinusoid_table(block_size: int, n_embd: int, device: torch.device | None = N
 class Seq2SeqCache(KVCache):
     """What incremental decoding keeps per decoder layer.
 
-    Self-attention keys/values are the decoder's static ``KVCache`` (n_layer, B, H, max_len, D),
+    Self-attention keys/values are the decoder's static ``KVCache`` ((B, H, max_len, D) a layer),
     written at the positions after ``length`` and attended under its mask. Cross-attention keys/values depend
     only on the encoder output, so each layer computes them once, on its first call, and
     ``cross[layer]`` keeps them.

@@ -121,8 +121,7 @@ def main(cfg: Config) -> int:
                     stop_ids=loaded.eos_ids,
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
                     draft=None if draft is None else draft.model, draft_tokens=cfg.draft_tokens)
-    kv_bytes = (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size()
-    kv_bytes = kv_bytes // engine.cache.capacity * engine.cache.max_len  # once it has grown
+    kv_bytes = engine.cache.grown_nbytes
     limit, window = parse_rate(cfg.rate_limit) if cfg.rate_limit else (None, 60.0)
     name = cfg.model_name or loaded.run_dir.name
     state = State(engine, loaded.tokenizer, template,
