@@ -9,7 +9,8 @@ our exports and is compared with lmforge on the same token ids:
   its logits within 1e-3 of ours (f32 KV cache), its greedy continuation ours; q8_0: the same
   top-1 token as our fp32 model on >= 95% of positions;
 - on random tiny models: each pre-tokenizer; llama 3.1 rope, qwen2, qwen3, gpt2, gemma2,
-  gemma3 (f32; Gemma 3 also with a layout of sliding layers other than 5 local : 1 global);
+  gemma3 (f32; Gemma 3 also with a layout of sliding layers other than 5 local : 1 global,
+  Gemma 2 at 46 layers, and Gemma files without their optional keys);
 - q8_0 and the K-quants: the same top-1 token as our fp32 model on >= 95% of positions;
 - the imported SmolLM2-135M-Instruct re-exported (f32, Q5_K_M) answers "Paris".
 
@@ -29,7 +30,7 @@ import torch
 
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 
 from lmforge.cli import run  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
@@ -184,6 +185,27 @@ FAMILIES = {  # config changes from tiny_cfg -> the llama.cpp arch they export a
 }
 
 
+# The GELU table turns ulp-level differences into whole fp16 steps: on the 6-layer gemma3 of
+# FAMILIES, jittering our own GELU inputs by 1e-7 (relative, under one f32 ulp) moved our
+# table-emulated logits by 5.3e-4, and llama.cpp's f32 sums differ from torch's by a few ulps.
+# Gemma's deeper stacks (sandwich norms) get this bound; gpt2 keeps 1e-3.
+TABLE_GEMMA = 2e-3
+
+
+def table_gelu_logits(model: Decoder, ids: list[int]) -> np.ndarray:
+    """Our logits with ggml's CPU GELU (and GeGLU), which reads a table of fp16 values
+    (GGML_GELU_FP16): y = f16(gelu(f16(x))), x for x > 10, 0 below -10."""
+    gelu = torch.nn.functional.gelu
+
+    def ggml_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        y = gelu(x.half().float(), approximate=approximate).half().float()
+        return torch.where(x > 10, x, torch.where(x < -10, torch.zeros_like(x), y))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "gelu", ggml_gelu)
+        return our_logits(model, ids)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_architecture_runs_as_ours(family: str, tmp_path: Path) -> None:
     """Llama 3.1 rope (rope_freqs), qwen2's biases and NeoX rope, qwen3's q/k norms, gpt2's
@@ -199,28 +221,52 @@ def test_each_architecture_runs_as_ours(family: str, tmp_path: Path) -> None:
     theirs = their_logits(llm, ids)
     diff = np.abs(theirs - our_logits(model, ids)).max()
     print(f"llama.cpp {family} ({arch}) f32: max |Δlogits| = {diff:.2e}")
-    if arch in ("gpt2", "gemma2", "gemma3"):
-        # ggml's CPU GELU (and GeGLU) reads a table of fp16 values (GGML_GELU_FP16):
-        # y = f16(gelu(f16(x))), x for x > 10, 0 below -10. With that one difference emulated
-        # we are within 1e-3 again.
-        gelu = torch.nn.functional.gelu
-
-        def ggml_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-            y = gelu(x.half().float(), approximate=approximate).half().float()
-            return torch.where(x > 10, x, torch.where(x < -10, torch.zeros_like(x), y))
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.nn.functional, "gelu", ggml_gelu)
-            emulated = np.abs(theirs - our_logits(model, ids)).max()
+    if arch in ("gpt2", "gemma2", "gemma3"):  # with ggml's GELU table emulated: in bound
+        emulated = np.abs(theirs - table_gelu_logits(model, ids)).max()
         print(f"  with ggml's fp16 GELU table emulated: {emulated:.2e}")
-        # The table turns ulp-level differences into whole fp16 steps: on the 6-layer gemma3
-        # below, jittering our own GELU inputs by 1e-7 (relative, under one f32 ulp) moved our
-        # table-emulated logits by 5.3e-4, and llama.cpp's f32 sums differ from torch's by a
-        # few ulps. Gemma's deeper stack (and sandwich norms) gets 2e-3; gpt2 keeps 1e-3.
-        assert diff <= 1e-2 and emulated <= (1e-3 if arch == "gpt2" else 2e-3)
+        assert diff <= 1e-2 and emulated <= (1e-3 if arch == "gpt2" else TABLE_GEMMA)
     else:
         assert diff <= 1e-3
     assert their_greedy(llm, ids[:12], 20) == list(generate(model, ids[:12], 20,
+                                                            temperature=0.0))
+
+
+@pytest.mark.parametrize("family, absent", [
+    ("gemma2", ["attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window",
+                "rope.freq_base_swa"]),
+    ("gemma3-layout", ["rope.freq_base_swa"]),
+])
+def test_a_gemma_file_without_optional_keys_reads_as_in_llama_cpp(family: str, absent: list[str],
+                                                                  tmp_path: Path) -> None:
+    """Keys removed with gguf's own gguf-new-metadata (as files from other converters lack
+    them): our import takes llama.cpp's defaults (gemma2: caps 50 and 30, window 4096; the
+    sliding layers' RoPE base 10000 in gemma3), and llama.cpp and our import of that file
+    agree on logits (GELU table emulated) and greedy tokens."""
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+
+    over, arch = FAMILIES[family]
+    run_dir, model = make_run(tmp_path / "run", tiny_cfg(block_size=128, **over))
+    tok = tokenizer_with("qwen2", run_dir / "tokenizer.json")
+    reader = gguf.GGUFReader(str(export(run_dir, tmp_path / "m.gguf", "f32")))
+    path = tmp_path / "stripped.gguf"
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(path), arch), {},
+                           [f"{arch}.{key}" for key in absent])
+    assert run(["import", str(path), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back").model
+    if arch == "gemma2":
+        assert (back.cfg.attn_softcap, back.cfg.logit_softcap, back.cfg.sliding_window) == (
+            50.0, 30.0, 4096)
+    else:
+        assert back.cfg.rope_local_theta == 10000.0 != model.cfg.rope_theta
+    ids = tok.encode((TOKEN_TEXT + " " + PROBE) * 2).ids[:110]
+    llm = llama(path, 128)
+    theirs, ours = their_logits(llm, ids), table_gelu_logits(back, ids)
+    moved = np.abs(our_logits(model, ids) - our_logits(back, ids)).max()
+    print(f"llama.cpp {family} without {', '.join(absent)}: max |Δlogits| "
+          f"{np.abs(theirs - ours).max():.2e} (GELU table emulated) against our import; the "
+          f"missing keys moved our logits by {moved:.2f}")
+    assert moved > 0.1 and np.abs(theirs - ours).max() <= TABLE_GEMMA
+    assert their_greedy(llm, ids[:12], 20) == list(generate(back, ids[:12], 20,
                                                             temperature=0.0))
 
 
