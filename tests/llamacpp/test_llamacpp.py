@@ -231,40 +231,42 @@ def test_each_architecture_runs_as_ours(family: str, tmp_path: Path) -> None:
                                                             temperature=0.0))
 
 
-@pytest.mark.parametrize("family, absent", [
+@pytest.mark.parametrize("family, absent, pattern, expect", [
     ("gemma2", ["attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window",
-                "rope.freq_base_swa"]),
-    ("gemma3-layout", ["rope.freq_base_swa"]),
-])
-def test_a_gemma_file_without_optional_keys_reads_as_in_llama_cpp(family: str, absent: list[str],
-                                                                  tmp_path: Path) -> None:
-    """Keys removed with gguf's own gguf-new-metadata (as files from other converters lack
-    them): our import takes llama.cpp's defaults (gemma2: caps 50 and 30, window 4096; the
-    sliding layers' RoPE base 10000 in gemma3), and llama.cpp and our import of that file
-    agree on logits (GELU table emulated) and greedy tokens."""
-    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+                "rope.freq_base_swa"], None,
+     {"attn_softcap": 50.0, "logit_softcap": 30.0, "sliding_window": 4096}),
+    ("gemma3-layout", ["rope.freq_base_swa"], None, {"rope_local_theta": 10000.0}),
+    ("gemma3-layout", [], 2, {"local_layers": [0, 2]}),  # the pattern as a number
+], ids=["gemma2-defaults", "gemma3-default-local-base", "gemma3-pattern-number"])
+def test_a_gemma_file_with_other_keys_reads_as_in_llama_cpp(
+        family: str, absent: list[str], pattern: int | None, expect: dict[str, Any],
+        tmp_path: Path) -> None:
+    """Keys removed, or the sliding pattern written as a number (every n-th layer global),
+    with gguf's own gguf-new-metadata, as other converters write files: our import reads
+    llama.cpp's defaults and forms (gemma2: caps 50 and 30, window 4096; the sliding layers'
+    RoPE base 10000 in gemma3), and llama.cpp and our import of that file agree on logits
+    (GELU table emulated) and greedy tokens."""
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
     over, arch = FAMILIES[family]
     run_dir, model = make_run(tmp_path / "run", tiny_cfg(block_size=128, **over))
     tok = tokenizer_with("qwen2", run_dir / "tokenizer.json")
     reader = gguf.GGUFReader(str(export(run_dir, tmp_path / "m.gguf", "f32")))
-    path = tmp_path / "stripped.gguf"
-    copy_with_new_metadata(reader, gguf.GGUFWriter(str(path), arch), {},
+    path = tmp_path / "changed.gguf"
+    new = {} if pattern is None else {f"{arch}.attention.sliding_window_pattern": MetadataDetails(
+        gguf.GGUFValueType.UINT32, pattern)}
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(path), arch), new,
                            [f"{arch}.{key}" for key in absent])
     assert run(["import", str(path), "--out", str(tmp_path / "back")]) == 0
     back = load_model(tmp_path / "back").model
-    if arch == "gemma2":
-        assert (back.cfg.attn_softcap, back.cfg.logit_softcap, back.cfg.sliding_window) == (
-            50.0, 30.0, 4096)
-    else:
-        assert back.cfg.rope_local_theta == 10000.0 != model.cfg.rope_theta
+    assert {k: getattr(back.cfg, k) for k in expect} == expect
+    assert all(getattr(model.cfg, k) != v for k, v in expect.items())
     ids = tok.encode((TOKEN_TEXT + " " + PROBE) * 2).ids[:110]
     llm = llama(path, 128)
     theirs, ours = their_logits(llm, ids), table_gelu_logits(back, ids)
     moved = np.abs(our_logits(model, ids) - our_logits(back, ids)).max()
-    print(f"llama.cpp {family} without {', '.join(absent)}: max |Δlogits| "
-          f"{np.abs(theirs - ours).max():.2e} (GELU table emulated) against our import; the "
-          f"missing keys moved our logits by {moved:.2f}")
+    print(f"llama.cpp {family} with {expect}: max |Δlogits| {np.abs(theirs - ours).max():.2e} "
+          f"(GELU table emulated) against our import; the keys moved our logits by {moved:.2f}")
     assert moved > 0.1 and np.abs(theirs - ours).max() <= TABLE_GEMMA
     assert their_greedy(llm, ids[:12], 20) == list(generate(back, ids[:12], 20,
                                                             temperature=0.0))

@@ -319,7 +319,10 @@ def gguf_tensors(model: Decoder, arch: str) -> dict[str, Tensor]:
     for ours, t in model.state_dict().items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        t = t.detach().float().cpu() + norm_offset(model, ours)
+        t = t.detach().float().cpu()
+        offset = norm_offset(model, ours)
+        if offset:
+            t = t + offset
         heads = _heads_of(ours, cfg, arch)
         parts.setdefault(gguf_name(ours, arch), []).append(permute_qk(t, heads) if heads else t)
     out = {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
@@ -484,20 +487,21 @@ def decoder_config_from_gguf(f: GGUFFile) -> DecoderConfig:
                 raise UserError(f"{f.path}: {key} = {f.meta[key]} but lmforge needs it equal "
                                 f"to the head width {head_dim} (partial rotary is unsupported)")
         theta = float(f.meta.get(f"{arch}.rope.freq_base", 10000.0))
-        rope = dict(pos="rope", rope_theta=theta,
+        scaling = _rope_scaling(f, arch, head_dim, theta)
+        rope = dict(pos="rope", rope_theta=theta, rope_scaling=scaling,
                     norm_eps=float(f.meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-                    rope_scaling=_rope_scaling(f, arch, head_dim, theta),
                     head_size=None if head_dim * heads == width else head_dim)
         if arch in GEMMA_EVERY:
             scalar = gemma_attention_scalar(arch, common["n_layer"], width, heads, head_dim)
-            return DecoderConfig(**common, **rope, **_gemma_fields(f, arch, scalar))
+            gemma = _gemma_fields(f, arch, scalar, scaling.type != "none")
+            return DecoderConfig(**common, **rope, **gemma)
         return DecoderConfig(**common, **rope, norm="rmsnorm", mlp="swiglu",
                              qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm=arch == "qwen3")
     except ConfigError as e:
         raise UserError(f"{f.path}: {e}") from None
 
 
-def _gemma_fields(f: GGUFFile, arch: str, scalar: int) -> dict[str, Any]:
+def _gemma_fields(f: GGUFFile, arch: str, scalar: int, scaled: bool) -> dict[str, Any]:
     """Our Gemma fields for a gemma2/gemma3 file, read as llama.cpp's graph reads its keys."""
     m, n_layer = f.meta, int(f.need(f"{arch}.block_count"))
     if arch == "gemma2" and "output.weight" in f.tensors:
@@ -517,7 +521,7 @@ def _gemma_fields(f: GGUFFile, arch: str, scalar: int) -> dict[str, Any]:
     # The sliding layers' RoPE: gemma3's has base freq_base_swa (default 10000) and no scaling,
     # as our rope_local_theta; gemma2's defaults to the global one, scaling included.
     local_theta = float(m.get(f"{arch}.rope.freq_base_swa", 10000.0 if arch == "gemma3" else theta))
-    if arch == "gemma2" and local_theta != theta and f"{arch}.rope.scaling.type" in m:
+    if arch == "gemma2" and local_theta != theta and scaled:
         raise UserError(f"{f.path}: {arch}.rope.freq_base_swa with rope scaling is not supported "
                         "(lmforge's local RoPE has its own base and no scaling)")
     caps = GEMMA2_CAPS if arch == "gemma2" else (None, None)
@@ -558,7 +562,9 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.float32) -> Decoder:
                             f"metadata implies {want}")
         for key, part in zip(keys, w.split(rows), strict=True):
             heads = _heads_of(key, cfg, arch)
-            part = part - norm_offset(model, key)
+            offset = norm_offset(model, key)
+            if offset:
+                part = part - offset
             with torch.no_grad():
                 state[key].copy_(unpermute_qk(part, heads) if heads else part)
     extra = sorted(set(f.tensors) - set(groups) - {ROPE_FREQS})
