@@ -31,7 +31,7 @@ from lmforge.config import UserError, to_dict  # noqa: E402
 from lmforge.data.tokenizer import train_bpe  # noqa: E402
 from lmforge.export import TOLERANCES  # noqa: E402
 from lmforge.interop.gguf import GGUFFile, permute_qk, unpermute_qk  # noqa: E402
-from lmforge.models.decoder import Decoder, DecoderConfig  # noqa: E402
+from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling  # noqa: E402
 from lmforge.run import load_model  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -452,6 +452,12 @@ def hf_family(family: str) -> tuple[Any, str, str]:
     """(a tiny random transformers model, its pre-type, the llama.cpp arch) of ``family``."""
     t = pytest.importorskip("transformers")
     from tests.parity.test_hf_decoder import randomize
+    from tests.parity.test_hf_gemma import hf_model as gemma
+
+    # Gemma as test_hf_gemma builds it (gemma2: soft caps, layers 0 and 2 slide; gemma3: q/k
+    # norms, 5 local : 1 global, local RoPE base, linear scaling), with llama.cpp's attention
+    # scale (query_pre_attn_scalar = head_dim: it has no key for another) and room for 100 ids.
+    tiny_gemma = dict(vocab_size=320, query_pre_attn_scalar=24, max_position_embeddings=128)
 
     base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -474,16 +480,19 @@ def hf_family(family: str) -> tuple[Any, str, str]:
         "gpt2": lambda: (t.GPT2LMHeadModel(t.GPT2Config(vocab_size=320, n_embd=64, n_layer=2,
                                                         n_head=4, n_positions=128)),
                          "gpt-2", "gpt2"),
+        "gemma2": lambda: (gemma("gemma2", **tiny_gemma), "gpt-2", "gemma2"),
+        "gemma3": lambda: (gemma("gemma3", **tiny_gemma), "llama-bpe", "gemma3"),
     }[family]()
     return randomize(model), pre, arch
 
 
-@pytest.mark.parametrize("family", ["llama3", "linear", "smollm2", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama3", "linear", "smollm2", "qwen2", "qwen3", "gpt2",
+                                    "gemma2", "gemma3"])
 def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -> None:
     """transformers model -> lmforge import -> GGUF (f32) -> lmforge import: the logits of the
     last equal transformers' (<= 1e-4), greedy tokens identical; the file holds llama.cpp's
     tensor names for its arch (gguf's own table) and its arch's metadata keys."""
-    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, Keys
 
     from tests.parity.test_hf_decoder import max_diff
 
@@ -508,8 +517,19 @@ def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -
     f = GGUFFile.open(out)
     assert f.meta["general.architecture"] == arch and f.meta["tokenizer.ggml.pre"] == pre
     enum = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch)
-    allowed = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[enum] for i in range(2)}
+    layers = hf.config.num_hidden_layers
+    allowed = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[enum] for i in range(layers)}
     assert {n.rsplit(".", 1)[0] for n in f.tensors} <= allowed
+    if arch.startswith("gemma"):
+        gemma_keys(f, hf.config, arch, Keys)
+        # Every tensor as convert_hf_to_gguf.py writes it: named by gguf's own map of
+        # transformers' names, 1 added to every *norm.weight (Gemma's 1 + w gain); the head
+        # is tied (token_embd).
+        names = gguf.get_tensor_name_map(enum, layers)
+        want = {names.get_name(k, try_suffixes=(".weight",)): t + 1 if k.endswith("norm.weight")
+                else t for k, t in hf.state_dict().items() if k != "lm_head.weight"}
+        assert sorted(f.tensors) == sorted(want)
+        assert all(torch.equal(f.tensor(name), t) for name, t in want.items())
     for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
                 "attention.head_count"):
         assert f"{arch}.{key}" in f.meta
@@ -522,9 +542,31 @@ def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -
         assert "blk.0.attn_qkv.bias" in f.tensors and "position_embd.weight" in f.tensors
 
 
-def test_sliding_window_and_yarn_are_refused_with_the_field(tmp_path: Path) -> None:
-    from lmforge.models.decoder import RopeScaling
+def gemma_keys(f: GGUFFile, hf: Any, arch: str, keys: Any) -> None:
+    """A Gemma GGUF's keys (gguf's names) hold the transformers config's values, its norms
+    Gemma's gain 1 + w (llama.cpp's converter adds the 1)."""
+    m = f.meta
+    swa = hf.layer_types.count("sliding_attention")
+    assert m[keys.Attention.SLIDING_WINDOW.format(arch=arch)] == hf.sliding_window
+    assert m[keys.Attention.KEY_LENGTH.format(arch=arch)] == hf.head_dim
+    # The released layouts (gemma2: every other layer global, gemma3: every 6th) are
+    # llama.cpp's defaults: no pattern key, as the converter writes none.
+    assert keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch) not in m and swa in (2, 5)
+    final = keys.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch)
+    attn = keys.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=arch)
+    if arch == "gemma2":
+        assert (m[attn], m[final]) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
+        assert m[keys.Rope.FREQ_BASE.format(arch=arch)] == hf.rope_parameters["rope_theta"]
+    else:
+        assert attn not in m and final not in m and hf.final_logit_softcapping is None
+        rope = hf.rope_parameters
+        assert m[keys.Rope.FREQ_BASE.format(arch=arch)] == rope["full_attention"]["rope_theta"]
+        assert m[keys.Rope.FREQ_BASE_SWA.format(arch=arch)] == \
+            rope["sliding_attention"]["rope_theta"]
+        assert m[keys.Rope.SCALING_FACTOR.format(arch=arch)] == rope["full_attention"]["factor"]
 
+
+def test_sliding_window_and_yarn_are_refused_with_the_field(tmp_path: Path) -> None:
     for over, field in (({"sliding_window": 8}, "model.sliding_window"),
                         ({"rope_scaling": RopeScaling(type="yarn", factor=4.0)},
                          "model.rope_scaling")):
@@ -532,6 +574,47 @@ def test_sliding_window_and_yarn_are_refused_with_the_field(tmp_path: Path) -> N
         message = one_line_error(["export", "--run", str(run_dir), "--format", "gguf", "--out",
                                   str(tmp_path / "out")])
         assert message.startswith(field) and not (tmp_path / "out").exists()
+
+
+GEMMA = dict(norm="rmsnorm1p", mlp="geglu", embed_scale=True, sandwich_norm=True,
+             sliding_window=8, head_size=24, n_layer=4, local_layers=[0, 2])
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"attn_softcap": None, "logit_softcap": 30.0}, "attn_softcap"),  # gemma2 always caps
+    ({"attn_softcap": 50.0, "logit_softcap": 30.0, "tie_embeddings": False}, "tie_embeddings"),
+    ({"attn_softcap": 50.0, "logit_softcap": 30.0, "sliding_window": None}, "sliding_window"),
+    ({"qk_norm": True, "attn_softcap": 50.0}, "attn_softcap"),  # gemma3 never caps attention
+    ({"qk_norm": True, "rope_scaling": RopeScaling(type="linear", factor=8.0)},
+     "rope_local_theta"),  # gemma3's sliding layers have no scaling
+    ({"qk_norm": True, "rope_scaling": RopeScaling(type="yarn", factor=4.0),
+      "rope_local_theta": 1e4}, "rope_scaling"),
+    ({"qk_norm": True, "query_pre_attn_scalar": 20.0}, "query_pre_attn_scalar"),
+    ({"qk_norm": True, "sandwich_norm": False}, "sandwich_norm"),
+    ({"qk_norm": True, "qkv_bias": True}, "qkv_bias"),
+])
+def test_a_gemma_llama_cpp_computes_otherwise_is_refused(over: dict[str, Any],
+                                                         field: str) -> None:
+    from lmforge.interop.gguf import gguf_arch
+
+    with pytest.raises(UserError) as err:
+        gguf_arch(tiny_cfg(**{**GEMMA, **over}))
+    assert str(err.value).startswith(f"model.{field}: ") and "\n" not in str(err.value)
+
+
+def test_gemma_layouts_and_the_27b_attention_scale_are_what_llama_cpp_reads() -> None:
+    """Gemma 2 27B (46 layers: (n_embd // n_head)**-0.5) and Gemma 3 27B (62 layers) shapes
+    are accepted with their query_pre_attn_scalar; any local layout with a window is."""
+    from lmforge.interop.gguf import gguf_arch
+
+    g2 = dict(GEMMA, attn_softcap=50.0, logit_softcap=30.0)
+    big = dict(n_layer=46, n_embd=288, n_head=2, head_size=128, local_layers=None)
+    assert gguf_arch(tiny_cfg(**{**g2, **big, "query_pre_attn_scalar": 144.0})) == "gemma2"
+    with pytest.raises(UserError, match="scales attention by 144"):
+        gguf_arch(tiny_cfg(**{**g2, **big, "query_pre_attn_scalar": 128.0}))
+    assert gguf_arch(tiny_cfg(**{**GEMMA, **big, "n_layer": 62, "qk_norm": True,
+                                 "query_pre_attn_scalar": 144.0})) == "gemma3"
+    assert gguf_arch(tiny_cfg(**{**g2, "local_layers": [1, 3]})) == "gemma2"
 
 
 def test_a_reexport_keeps_the_source_metadata(tmp_path: Path) -> None:

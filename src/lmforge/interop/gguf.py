@@ -3,7 +3,7 @@
 A GGUF file is one binary holding metadata (key/value pairs: the architecture's shape, the
 tokenizer's vocabulary and merges, the chat template) and named tensors, each in its own type
 (F32, F16, BF16, or a block-quantized type such as Q8_0, Q4_0, Q4_1). We follow the names and
-keys of llama.cpp's ``convert_hf_to_gguf.py`` for four of its architectures, chosen from our
+keys of llama.cpp's ``convert_hf_to_gguf.py`` for six of its architectures, chosen from our
 config the way the converter chooses them from a Hugging Face architecture:
 
 =======  ======================================  =============================================
@@ -13,6 +13,9 @@ llama    rope/rmsnorm/swiglu (Llama, SmolLM)     q/k rows permuted; Llama 3.1 ro
 qwen2    the same + ``qkv_bias``                 attn_q/k/v.bias; q/k not permuted (NeoX rope)
 qwen3    the same + ``qk_norm``                  attn_q_norm / attn_k_norm; not permuted
 gpt2     learned/layernorm/gelu + biases         position_embd; q, k, v fused as attn_qkv
+gemma2   Gemma's fields (rmsnorm1p, geglu, ...)  norms stored as 1 + w; post_attention_norm,
+                                                 post_ffw_norm; soft caps, sliding window keys
+gemma3   the same + ``qk_norm``                  attn_q/k_norm; rope.freq_base_swa (local RoPE)
 =======  ======================================  =============================================
 
 ==========================  =====================================================
@@ -22,7 +25,9 @@ tok_emb / pos_emb           token_embd / position_embd
 blocks.N.attn_norm          blk.N.attn_norm
 blocks.N.attn.{q,k,v,o}     blk.N.attn_q / attn_k / attn_v / attn_output (gpt2: attn_qkv)
 blocks.N.attn.{q,k}_norm    blk.N.attn_q_norm / attn_k_norm
+blocks.N.attn_post_norm     blk.N.post_attention_norm (Gemma's sandwich norms)
 blocks.N.mlp_norm           blk.N.ffn_norm
+blocks.N.mlp_post_norm      blk.N.post_ffw_norm
 blocks.N.mlp.{gate,up,down} blk.N.ffn_gate / ffn_up / ffn_down (gpt2: fc_in, fc_out = up, down)
 norm_f                      output_norm
 lm_head.weight              output.weight (absent when tied to token_embd)
@@ -34,6 +39,16 @@ reorders the rows of q and k within each head so that pair i holds our rows i an
 writing applies that order and reading undoes it. qwen2 and qwen3 use llama.cpp's NeoX rope,
 which rotates halves as we do: their rows are stored as they are. Everything else is stored
 as is: a GGUF tensor of shape [ne0, ne1] is our (out, in) = (ne1, ne0) matrix, row-major.
+
+Gemma (llama.cpp's ``gemma2``/``gemma3`` graphs, read in the llama.cpp that llama-cpp-python
+0.3.36 vendors): its RMSNorm gain (1 + w) is stored as the plain gain 1 + w, as the converter
+adds 1 to every ``*norm.weight``; the sqrt(n_embd) embedding scale and GeGLU are implied by the
+architecture. Which layers slide is ``attention.sliding_window_pattern``: absent, llama.cpp
+takes every 2nd layer global (gemma2) or every 6th (gemma3), the layouts of the released
+models, so the key is written (as one bool per layer) only for another layout. The attention
+scale has no key: llama.cpp uses head_dim**-0.5, or (n_embd // n_head)**-0.5 for the 46-layer
+Gemma 2 and 62-layer Gemma 3 (the 27B models), so any other ``query_pre_attn_scalar`` is refused.
+gemma2 always caps (attention 50, logits 30 when the keys are absent) and ties its head.
 
 The tokenizer's pre-type (``tokenizer.ggml.pre``, which of llama.cpp's built-in split rules
 it runs) is chosen as the converter chooses it: the sha256 of the ids of its check text,
@@ -61,10 +76,16 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ConfigError, UserError
-from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling, rope_frequencies
+from lmforge.models.decoder import (
+    Decoder,
+    DecoderConfig,
+    RMSNorm1p,
+    RopeScaling,
+    rope_frequencies,
+)
 
 MAGIC = b"GGUF"
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3")
 INSTALL = "pip install gguf (or pip install 'lmforge[export]')"
 # --gguf_type -> (GGML type of matrices, GGML type of the embedding and head, llama.cpp file type)
 # Q4_0 keeps token_embd/output at Q8_0, as llama.cpp keeps its output at a higher precision:
@@ -83,10 +104,18 @@ _IN_BLOCK = {
     "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm",
     "attn.k_norm": "attn_k_norm", "mlp_norm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.fc_in": "ffn_up",
-    "mlp.fc_out": "ffn_down",
+    "mlp.fc_out": "ffn_down", "attn_post_norm": "post_attention_norm",
+    "mlp_post_norm": "post_ffw_norm",
 }
 _QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # fused, in this order, as gpt2's attn_qkv
 ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp's gemma graphs (src/models/gemma2.cpp, gemma3.cpp): with no sliding_window_pattern
+# key every GEMMA_EVERY-th layer is global; at the 27B models' layer count the attention scale
+# is (n_embd // n_head)**-0.5 instead of head_dim**-0.5; gemma2's caps when their keys are absent.
+GEMMA_EVERY = {"gemma2": 2, "gemma3": 6}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+GEMMA2_CAPS = (50.0, 30.0)  # attention, final logits
+GEMMA2_WINDOW = 4096
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # Source metadata an import keeps and an export writes back (beyond what we compute):
@@ -174,18 +203,74 @@ def _heads_of(ours: str, cfg: DecoderConfig, arch: str) -> int | None:
     return None
 
 
+def gemma_pattern(every: int, n_layer: int) -> list[bool]:
+    """Which layers slide when every ``every``-th is global (0: all slide): llama.cpp's
+    ``llama_hparams::set_swa_pattern``."""
+    return [every == 0 or i % every < every - 1 for i in range(n_layer)]
+
+
+def gemma_attention_scalar(arch: str, n_layer: int, n_embd: int, n_head: int,
+                           head_dim: int) -> int:
+    """The query_pre_attn_scalar of llama.cpp's gemma2/gemma3 graphs (they have no key for it)."""
+    return n_embd // n_head if n_layer == GEMMA_27B_LAYERS[arch] else head_dim
+
+
+def _gemma_arch(cfg: DecoderConfig) -> str:
+    """gemma3 (q/k norms) or gemma2 for a Gemma-style ``cfg``, or a UserError naming the field
+    that llama.cpp's graph computes otherwise."""
+
+    def refuse(name: str, why: str) -> UserError:
+        return UserError(f"model.{name}: {why}; export with --format hf or onnx")
+
+    for name, want in (("pos", "rope"), ("norm", "rmsnorm1p"), ("mlp", "geglu"),
+                       ("embed_scale", True), ("sandwich_norm", True), ("bias", False),
+                       ("qkv_bias", False)):
+        if getattr(cfg, name) != want:
+            raise refuse(name, f"llama.cpp's gemma2/gemma3 need {name}={want} with the other "
+                         "Gemma fields (norm rmsnorm1p, mlp geglu, embed_scale, sandwich_norm), "
+                         f"got {getattr(cfg, name)}")
+    arch = "gemma3" if cfg.qk_norm else "gemma2"
+    rs, has_local = cfg.rope_scaling, any(cfg.window(i) is not None for i in range(cfg.n_layer))
+    if rs.type not in ("none", "linear"):
+        raise refuse("rope_scaling", f"llama.cpp's {arch} takes rope_scaling none or linear, "
+                     f"not {rs.type}")
+    scalar = gemma_attention_scalar(arch, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim)
+    if float(cfg.query_pre_attn_scalar or cfg.head_dim) != scalar:
+        raise refuse("query_pre_attn_scalar", f"llama.cpp's {arch} with {cfg.n_layer} layers "
+                     f"scales attention by {scalar}**-0.5 (head_dim, or n_embd // n_head at the "
+                     f"27B models' layer count) and has no key for {cfg.query_pre_attn_scalar}")
+    if arch == "gemma3":
+        if cfg.attn_softcap is not None:
+            raise refuse("attn_softcap", "llama.cpp's gemma3 does not cap attention scores")
+        if cfg.rope_local_theta is None and has_local and rs.type != "none":
+            raise refuse("rope_local_theta", "llama.cpp's gemma3 gives the sliding layers RoPE "
+                         "without rope_scaling; set rope_local_theta")
+        return arch
+    for name in ("attn_softcap", "logit_softcap"):
+        if getattr(cfg, name) is None:
+            raise refuse(name, "llama.cpp's gemma2 always soft-caps (50 and 30 when unset)")
+    if not cfg.tie_embeddings:
+        raise refuse("tie_embeddings", "llama.cpp's gemma2 reuses token_embd as its head")
+    if not has_local:
+        raise refuse("sliding_window", "llama.cpp's gemma2 always has sliding layers (window "
+                     f"{GEMMA2_WINDOW} when unset)")
+    if cfg.rope_local_theta is not None and rs.type != "none":
+        raise refuse("rope_local_theta", "llama.cpp's gemma2 keeps rope_scaling on the "
+                     "sliding layers")
+    return arch
+
+
 def gguf_arch(cfg: DecoderConfig) -> str:
     """The llama.cpp architecture that computes what ``cfg`` does, or a UserError naming the
-    field that none of llama, qwen2, qwen3, gpt2 has."""
+    field that none of llama, qwen2, qwen3, gpt2, gemma2, gemma3 has."""
     if cfg.norm == "rmsnorm1p" or cfg.mlp == "geglu" or cfg.embed_scale or cfg.sandwich_norm:
-        raise UserError("model.norm: lmforge's GGUF export does not write Gemma (llama.cpp's "
-                        "gemma2/gemma3 architectures are not implemented here); export with "
-                        "--format hf or onnx")
+        return _gemma_arch(cfg)
     for name in ("local_layers", "query_pre_attn_scalar", "attn_softcap", "logit_softcap",
                  "rope_local_theta"):
         if getattr(cfg, name) is not None:
-            raise UserError(f"model.{name}: none of llama.cpp's llama, qwen2, qwen3, gpt2 "
-                            f"architectures has {name}; export with --format hf or onnx")
+            raise UserError(f"model.{name}: of llama.cpp's architectures only gemma2/gemma3 "
+                            f"have {name}, and this model is not a Gemma (norm rmsnorm1p, mlp "
+                            "geglu, embed_scale, sandwich_norm); export with --format hf or onnx")
     style = (cfg.pos, cfg.norm, cfg.mlp)
     if style == ("learned", "layernorm", "gelu"):
         for name, bad in (("bias", not cfg.bias), ("n_kv_head", cfg.kv_heads != cfg.n_head),
@@ -222,14 +307,22 @@ def _llama3_factors(cfg: DecoderConfig) -> Tensor:
     return (base / scaled).float()
 
 
+def norm_offset(model: Decoder, ours: str) -> float:
+    """1.0 for the weight of a Gemma norm (we hold w, applying 1 + w; GGUF holds 1 + w), else 0."""
+    return 1.0 if isinstance(model.get_submodule(ours.rpartition(".")[0]), RMSNorm1p) else 0.0
+
+
 def gguf_tensors(model: Decoder, arch: str) -> dict[str, Tensor]:
-    """Every tensor the file holds, by llama.cpp name, in fp32 (permuted, fused as needed)."""
+    """Every tensor the file holds, by llama.cpp name, in fp32 (permuted, fused, shifted)."""
     cfg = model.cfg
     parts: dict[str, list[Tensor]] = {}
     for ours, t in model.state_dict().items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
         t = t.detach().float().cpu()
+        offset = norm_offset(model, ours)
+        if offset:
+            t = t + offset
         heads = _heads_of(ours, cfg, arch)
         parts.setdefault(gguf_name(ours, arch), []).append(permute_qk(t, heads) if heads else t)
     out = {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
@@ -364,8 +457,8 @@ def fit_llama3(factors: Tensor, head_dim: int, theta: float, original: int,
 
 
 def decoder_config_from_gguf(f: GGUFFile) -> DecoderConfig:
-    """Our config for a llama/qwen2/qwen3/gpt2 GGUF: shape from the metadata, the rest from
-    which tensors the file has (biases, q/k norms, a separate head)."""
+    """Our config for a GGUF of one of ARCHS: shape from the metadata, the rest from which
+    tensors the file has (biases, q/k norms, a separate head) and the arch (Gemma's fields)."""
     arch = f.arch
     value = f.meta.get(f"{arch}.expert_count")
     if value not in (None, 0):
@@ -394,14 +487,54 @@ def decoder_config_from_gguf(f: GGUFFile) -> DecoderConfig:
                 raise UserError(f"{f.path}: {key} = {f.meta[key]} but lmforge needs it equal "
                                 f"to the head width {head_dim} (partial rotary is unsupported)")
         theta = float(f.meta.get(f"{arch}.rope.freq_base", 10000.0))
-        return DecoderConfig(
-            **common, norm="rmsnorm", pos="rope", mlp="swiglu", rope_theta=theta,
-            norm_eps=float(f.meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_scaling=_rope_scaling(f, arch, head_dim, theta),
-            qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm=arch == "qwen3",
-            head_size=None if head_dim * heads == width else head_dim)
+        scaling = _rope_scaling(f, arch, head_dim, theta)
+        rope = dict(pos="rope", rope_theta=theta, rope_scaling=scaling,
+                    norm_eps=float(f.meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                    head_size=None if head_dim * heads == width else head_dim)
+        if arch in GEMMA_EVERY:
+            scalar = gemma_attention_scalar(arch, common["n_layer"], width, heads, head_dim)
+            gemma = _gemma_fields(f, arch, scalar, scaling.type != "none")
+            return DecoderConfig(**common, **rope, **gemma)
+        return DecoderConfig(**common, **rope, norm="rmsnorm", mlp="swiglu",
+                             qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm=arch == "qwen3")
     except ConfigError as e:
         raise UserError(f"{f.path}: {e}") from None
+
+
+def _gemma_fields(f: GGUFFile, arch: str, scalar: int, scaled: bool) -> dict[str, Any]:
+    """Our Gemma fields for a gemma2/gemma3 file, read as llama.cpp's graph reads its keys."""
+    m, n_layer = f.meta, int(f.need(f"{arch}.block_count"))
+    if arch == "gemma2" and "output.weight" in f.tensors:
+        raise UserError(f"{f.path}: tensor output.weight is not used by llama.cpp's gemma2 "
+                        "(its head is token_embd); an unsupported variant")
+    pattern = m.get(f"{arch}.attention.sliding_window_pattern", GEMMA_EVERY[arch])
+    if isinstance(pattern, int):
+        pattern = gemma_pattern(pattern, n_layer)
+    elif len(pattern) != n_layer:
+        raise UserError(f"{f.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                        f"entries for {n_layer} layers")
+    window = m.get(f"{arch}.attention.sliding_window")
+    if arch == "gemma2" and window is None:
+        window = GEMMA2_WINDOW
+    local = [i for i, slides in enumerate(pattern) if slides] if window else []
+    theta = float(m.get(f"{arch}.rope.freq_base", 10000.0))
+    # The sliding layers' RoPE: gemma3's has base freq_base_swa (default 10000) and no scaling,
+    # as our rope_local_theta; gemma2's defaults to the global one, scaling included.
+    local_theta = float(m.get(f"{arch}.rope.freq_base_swa", 10000.0 if arch == "gemma3" else theta))
+    if arch == "gemma2" and local_theta != theta and scaled:
+        raise UserError(f"{f.path}: {arch}.rope.freq_base_swa with rope scaling is not supported "
+                        "(lmforge's local RoPE has its own base and no scaling)")
+    caps = GEMMA2_CAPS if arch == "gemma2" else (None, None)
+    final = m.get(f"{arch}.final_logit_softcapping", caps[1])
+    return dict(
+        norm="rmsnorm1p", mlp="geglu", embed_scale=True, sandwich_norm=True,
+        qk_norm=arch == "gemma3", query_pre_attn_scalar=scalar,
+        attn_softcap=None if arch == "gemma3" else float(
+            m.get(f"{arch}.attn_logit_softcapping", caps[0])),
+        logit_softcap=float(final) if final else None,  # gemma3: absent or 0 = no cap
+        sliding_window=int(window) if local else None, local_layers=local or None,
+        rope_local_theta=local_theta if local and (arch == "gemma3" or local_theta != theta)
+        else None)
 
 
 def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.float32) -> Decoder:
@@ -429,6 +562,9 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.float32) -> Decoder:
                             f"metadata implies {want}")
         for key, part in zip(keys, w.split(rows), strict=True):
             heads = _heads_of(key, cfg, arch)
+            offset = norm_offset(model, key)
+            if offset:
+                part = part - offset
             with torch.no_grad():
                 state[key].copy_(unpermute_qk(part, heads) if heads else part)
     extra = sorted(set(f.tensors) - set(groups) - {ROPE_FREQS})
@@ -644,7 +780,7 @@ def _metadata(w: Any, cfg: DecoderConfig, arch: str, meta: GGUFMeta, file_type: 
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
-        if cfg.head_size is not None:
+        if cfg.head_size is not None or arch in GEMMA_EVERY:  # the converter writes Gemma's
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
         rs = cfg.rope_scaling
@@ -653,6 +789,8 @@ def _metadata(w: Any, cfg: DecoderConfig, arch: str, meta: GGUFMeta, file_type: 
             w.add_rope_scaling_factor(rs.factor)
         elif rs.type == "llama3":  # the table is the rope_freqs tensor; this says its base
             w.add_rope_scaling_orig_ctx_len(rs.original_block_size or cfg.block_size)
+    if arch in GEMMA_EVERY:
+        _gemma_metadata(w, cfg, arch)
     w.add_vocab_size(cfg.vocab_size)
     vocab = _gguf_vocab(meta.tokenizer, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -672,6 +810,21 @@ def _metadata(w: Any, cfg: DecoderConfig, arch: str, meta: GGUFMeta, file_type: 
         w.add_chat_template(meta.chat_template)
     _add_kept(w, {k: v for k, v in meta.kept.items() if k.startswith("general.")
                   or (isinstance(v, int) and 0 <= v < cfg.vocab_size)})
+
+
+def _gemma_metadata(w: Any, cfg: DecoderConfig, arch: str) -> None:
+    """Soft caps, the sliding window, which layers slide and their RoPE base."""
+    if cfg.attn_softcap is not None:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.logit_softcap is not None:
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+    pattern = [cfg.window(i) is not None for i in range(cfg.n_layer)]
+    if not any(pattern):  # gemma3 only (gemma2 refuses it): llama.cpp's graph without SWA
+        return
+    w.add_sliding_window(cfg.sliding_window)
+    if pattern != gemma_pattern(GEMMA_EVERY[arch], cfg.n_layer):  # as convert_hf_to_gguf.py
+        w.add_sliding_window_pattern(pattern)  # writes a layer_types list (Cohere2, Exaone4)
+    w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
 
 
 def _encode(t: Tensor, ggml_type: str) -> tuple[np.ndarray, Any]:
