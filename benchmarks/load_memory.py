@@ -98,7 +98,8 @@ def run(smollm2: str | None, baseline_src: str | None, repeats: int) -> Section:
         "Unquantized load: peak memory, fp32 on CPU",
         "`load_run(run, \"cpu\", \"fp32\")` in a fresh process per load: peak = VmHWM over the "
         "load (reset through `/proc/self/clear_refs` after the imports and a first load of a "
-        "1-layer model, which does the loader's one-time work) less the RSS before it; median of {repeats} processes per tree, trees alternating.",
+        "1-layer model, which does the loader's one-time work) less the RSS before it; "
+        f"median of {repeats} processes per tree, trees alternating.",
         ["model", "tree", "weights", "peak over imports", "peak / weights",
          "RSS after load over before"])
     before = load_average()
