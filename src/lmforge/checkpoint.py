@@ -401,9 +401,7 @@ def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str,
             if t is not None:
                 name = _clean_key(f"{prefix}.{key}" if prefix else key)
                 groups.setdefault(id(t), []).append((module, key, name, t))
-    for slots in groups.values():  # a module reached twice (shared) lists its tensors twice
-        slots[:] = list({(id(m), k): (m, k, n, t) for m, k, n, t in slots}.values())
-    return groups
+    return groups  # a module shared under several names lists its tensors under each
 
 
 @torch.no_grad()

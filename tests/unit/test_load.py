@@ -134,6 +134,10 @@ def test_one_row_loads_lay_fp32_weights_out_for_decoding(tiny_run: Path) -> None
     for kw in ({"rows": 4}, {"rows": None}, {"rows": 1, "dtype": "bf16"}):
         model = load_run(tiny_run, **kw).model  # type: ignore[arg-type]
         assert all(p.is_contiguous() for p in model.parameters()), kw
+    import lmforge  # the Python API (and `lmforge chat`, max_batch 1) take the same path
+
+    assert column_major(lmforge.load(tiny_run, max_batch=1, device="cpu").model)
+    assert not column_major(lmforge.load(tiny_run, max_batch=4, device="cpu").model)
 
 
 def generate_text(run: Path, capsys: pytest.CaptureFixture, **kw: object) -> str:
