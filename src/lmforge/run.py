@@ -263,8 +263,9 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu",
     Built on the meta device and cast there; each weight then comes from the checkpoint one
     tensor at a time and becomes the parameter itself (cast and moved as it arrives:
     ``checkpoint.stream_model_weights``), so a load holds the weights about once, not the
-    whole file beside an allocated model (a sharded checkpoint is still read whole first). Derived buffers (rotary / sinusoid tables) are recomputed, in fp32, by the
-    models' own ``_apply`` on every move: they are angles, and bf16 would round them.
+    whole file beside an allocated model (a sharded checkpoint is still read whole first).
+    Derived buffers (rotary / sinusoid tables) are recomputed, in fp32, by the models'
+    ``init_buffers``: they are angles, and bf16 would round them.
     ``quant`` (a decoder only) loads layer by layer, quantizing each as it arrives.
     """
     if not dtype.is_floating_point:
