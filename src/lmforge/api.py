@@ -272,7 +272,7 @@ def load(run: str | Path, *, template: str | None = None, device: str = "auto",
     ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, fp32, bf16, fp16) are the CLI's
     ``--device``/``--dtype``: auto is cuda + bf16 when there is a GPU, else cpu + fp32.
     """
-    loaded = load_run(run, device, dtype, "none" if quant is None else quant)
+    loaded = load_run(run, device, dtype, "none" if quant is None else quant, rows=max_batch)
     spec, model, tok = loaded.spec, loaded.model, loaded.tokenizer
     if isinstance(model, EncoderForClassification):
         return Classifier(model, tok, spec.run_dir, spec.step, list(spec.labels),

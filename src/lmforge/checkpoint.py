@@ -333,20 +333,42 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     _apply_model(model, _match_model(ckpt, weights, model))
 
 
+class WeightReader:
+    """Reads one model tensor at a time by clean name (``reader(name)``, None when absent);
+    ``names`` holds every clean name the checkpoint has, ``stored(name)`` the entry it is read
+    from (tied weights are stored once: their aliases share an entry)."""
+
+    def __init__(self, names: dict[str, str], get: Callable[[str], torch.Tensor]) -> None:
+        self._names, self._get = names, get
+
+    @property
+    def names(self) -> set[str]:
+        """Every clean tensor name in the checkpoint, aliases included."""
+        return set(self._names)
+
+    def stored(self, name: str) -> str:
+        """The stored entry ``name`` is read from."""
+        return self._names[name]
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        return self._get(self._names[name]) if name in self._names else None
+
+
 @contextlib.contextmanager
-def open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor | None]]:
+def open_weights(path: Path) -> Iterator[WeightReader]:
     """A reader of one model tensor at a time, by clean name (None when absent), while open.
 
     A single-file checkpoint is read from disk tensor by tensor, each through its own short
     ``safe_open`` (the file is memory-mapped: a mapping kept open would count every page read
     so far in the process's RSS), so a caller that converts each tensor as it arrives
-    (quantized loading) never holds them all; a sharded one is read whole first.
+    (quantized loading, ``stream_model_weights``) never holds them all; a sharded one is read
+    whole first.
     """
     ckpt = _resolve(path)
     meta = _check_meta(ckpt)
     if is_sharded(meta):
         weights = {_clean_key(k): v for k, v in _load_weights(ckpt, meta).items()}
-        yield weights.get
+        yield WeightReader({k: k for k in weights}, weights.__getitem__)
         return
     file = ckpt / MODEL_FILE
     try:
@@ -360,13 +382,76 @@ def open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor | None]]:
     if names and all(k.startswith("module.") for k in names):  # a DDP wrapper's prefix
         names = {k.removeprefix("module."): v for k, v in names.items()}
 
-    def read(name: str) -> torch.Tensor | None:
-        if name not in names:
-            return None
+    def get(key: str) -> torch.Tensor:
         with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(names[name])
+            return f.get_tensor(key)  # a tensor of its own (a copy), the mapping closed
 
-    yield read
+    yield WeightReader(names, get)
+
+
+def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]]:
+    """Every parameter and persistent buffer of ``model`` as (module, attribute, clean name,
+    tensor), grouped by tensor: a tied weight is one group of several names."""
+    groups: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = [*module._parameters.items(),
+               *((k, b) for k, b in module._buffers.items()
+                 if k not in module._non_persistent_buffers_set)]
+        for key, t in own:
+            if t is not None:
+                name = _clean_key(f"{prefix}.{key}" if prefix else key)
+                groups.setdefault(id(t), []).append((module, key, name, t))
+    return groups  # a module shared under several names lists its tensors under each
+
+
+@torch.no_grad()
+def stream_model_weights(path: Path, model: nn.Module, device: torch.device) -> None:
+    """Fill ``model``, built on the meta device and cast to its dtype there, from a checkpoint
+    one tensor at a time: each is read, copied to ``device`` in its dtype and becomes the
+    parameter or buffer itself, so the load holds the weights once plus at most one tensor in
+    flight, instead of the whole file beside the allocated model.
+
+    Tied weights stay tied (one tensor for the group) and the checks are
+    ``load_model_weights``': a UserError for a missing, extra or misshaped tensor, or tied
+    twins stored with different values. Buffers the state dict leaves out (position tables)
+    stay on meta for the model's ``init_buffers``.
+    """
+    ckpt = _resolve(path)
+    bad = f"checkpoint {ckpt} does not match the model"
+    hint = "was it trained with a different --model config?"
+    with open_weights(ckpt) as read:
+        groups = _tensor_slots(model)
+        wanted = {n for slots in groups.values() for _, _, n, _ in slots}
+        extra = sorted(read.names - wanted)
+        if extra:
+            raise UserError(f"{bad}: tensor {extra[0]} is in the file but not in the model; {hint}")
+        for slots in groups.values():
+            present = [n for _, _, n, _ in slots if n in read.names]
+            ref = slots[0][3]
+            if not present:
+                raise UserError(f"{bad}: tensor {slots[0][2]} is in the model but not in the "
+                                f"file; {hint}")
+            loaded = read(present[0])
+            assert loaded is not None
+            if loaded.shape != ref.shape:
+                raise UserError(f"{bad}: tensor {present[0]} has shape {_shape(loaded)} in the "
+                                f"file but {_shape(ref)} in the model; {hint}")
+            for twin in present[1:]:  # stored apart (not as an alias): the values must agree
+                if read.stored(twin) != read.stored(present[0]):
+                    other = read(twin)
+                    if other is None or not torch.equal(other, loaded):
+                        raise UserError(f"{bad}: the model ties {twin} to {present[0]} but "
+                                        f"the file holds different values for them; {hint}")
+            # A copy of its own even when nothing changes: safetensors hands out views of a
+            # private mapping of the whole file, which a model kept for hours must not depend on
+            # (a file truncated under it would be a SIGBUS); the mapping closes with ``loaded``.
+            tensor = loaded.to(device, ref.dtype, copy=True)
+            del loaded
+            new = (nn.Parameter(tensor, requires_grad=ref.requires_grad)
+                   if isinstance(ref, nn.Parameter) else tensor)
+            for module, key, _, _ in slots:
+                store = module._parameters if key in module._parameters else module._buffers
+                store[key] = new
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

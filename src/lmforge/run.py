@@ -29,15 +29,16 @@ from torch import nn
 
 from lmforge.checkpoint import (
     latest_checkpoint,
-    load_model_weights,
     open_weights,
     read_meta,
     read_weights,
+    stream_model_weights,
 )
 from lmforge.config import ConfigError, UserError, from_dict, load_yaml, to_dict
 from lmforge.data.classify import encoder_tokenizer
 from lmforge.data.tokenizer import EOS_TOKEN, load_tokenizer
 from lmforge.infer.chat import ChatTemplate
+from lmforge.infer.generate import decode_layout
 from lmforge.infer.quant import Quant, check_quant, load_quantized
 from lmforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, load_hf_encoder
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -259,10 +260,12 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, quant: str = "none") -> nn.Module:
     """The spec's model with its checkpoint's weights, in ``dtype`` on ``device``, eval mode.
 
-    Built on the meta device and cast there, so the only real allocation is the model at its
-    final dtype; the weights are then copied in (and cast) from the checkpoint, single-file
-    or sharded. Derived buffers (rotary / sinusoid tables) are recomputed, in fp32, by the
-    models' own ``_apply`` on every move: they are angles, and bf16 would round them.
+    Built on the meta device and cast there; each weight then comes from the checkpoint one
+    tensor at a time and becomes the parameter itself (cast and moved as it arrives:
+    ``checkpoint.stream_model_weights``), so a load holds the weights about once, not the
+    whole file beside an allocated model (a sharded checkpoint is still read whole first).
+    Derived buffers (rotary / sinusoid tables) are recomputed, in fp32, by the models'
+    ``init_buffers``: they are angles, and bf16 would round them.
     ``quant`` (a decoder only) loads layer by layer, quantizing each as it arrives.
     """
     if not dtype.is_floating_point:
@@ -278,25 +281,34 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu",
         assert isinstance(model, Decoder)
         with open_weights(spec.checkpoint) as read:
             return load_quantized(model, quant, torch.device(device), read, str(spec.checkpoint))
-    model.to_empty(device=device)
+    stream_model_weights(spec.checkpoint, model, torch.device(device))
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:
-        init_buffers()  # position tables only: every weight is loaded next
-    load_model_weights(spec.checkpoint, model)
+        init_buffers()  # position tables, on the weights' device
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"not materialized: {left}"
     return model.eval()
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = torch.float32, quant: str = "none") -> LoadedRun:
+             dtype: str | torch.dtype = torch.float32, quant: str = "none", *,
+             rows: int | None = None) -> LoadedRun:
     """Open any run folder (or checkpoint folder) as a model of its kind, ready for inference.
 
     ``device``, ``dtype`` and ``quant`` take ``--device``/``--dtype``/``--quant`` values too
-    ("auto", "bf16", "int8", ...).
+    ("auto", "bf16", "int8", ...). ``rows`` is how many token positions the caller feeds
+    per decoding forward at most (generate and chat: 1; the engine: its max_batch; with a
+    draft, the target's k + 1 per row; None: no token-by-token decoding).
     """
     device, dtype = resolve_placement(device, dtype)
     check_quant(quant, device, dtype)  # before reading anything
     spec = read_run_spec(path)
     model = build_model(spec, device, dtype, quant)
+    if rows == 1 and isinstance(model, Decoder):
+        # Column-major fp32 CPU weights (see decode_layout) pay for one row at a time only:
+        # the engine's step was 1.08-1.30x faster at 1 row but 0.80-0.96x at 4 and 0.87-1.04x
+        # at 16 (benchmarks/RESULTS.md, "Decode layout"), and the layout is fixed at load.
+        decode_layout(model)
     encoder = spec.kind in ("encoder", "classifier")
     # An encoder's tokenizer.json (a BERT one especially) may pad and add [CLS]/[SEP] itself.
     tokenizer = encoder_tokenizer(spec.tokenizer) if encoder else load_tokenizer(spec.tokenizer)
@@ -304,9 +316,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
-    """A decoder run as a ``LoadedModel``; UserError naming the kind for any other run."""
-    loaded = load_run(path, device, dtype, quant)
+               dtype: str | torch.dtype = torch.float32, quant: str = "none", *,
+               rows: int | None = None) -> LoadedModel:
+    """A decoder run as a ``LoadedModel``; UserError naming the kind for any other run.
+    ``rows`` as in ``load_run``."""
+    loaded = load_run(path, device, dtype, quant, rows=rows)
     spec = loaded.spec
     if not isinstance(loaded.model, Decoder):
         raise UserError(f"{spec.run_dir}: is {_article(spec.kind)} run; this needs a decoder run "

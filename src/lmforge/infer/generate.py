@@ -39,6 +39,7 @@ def decode_layout(model: nn.Module) -> int:
     bf16 goes the other way (oneDNN: 2.3 -> 12.9 ms), and other devices pick their own
     kernels, so only fp32 on the CPU changes. Results may differ in the last bits (another
     summation order). Training afterwards still works: only strides changed.
+    ``lmforge.run.load_run(..., rows=1)`` applies it: it pays at one row per forward only.
     """
     changed = 0
     for module in model.modules():

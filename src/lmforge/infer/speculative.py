@@ -34,6 +34,8 @@ from lmforge.infer.sampling import SamplingParams, fit_prompt, probabilities, sa
 from lmforge.models.decoder import Decoder, KVCache
 from lmforge.models.kv_cache import RowKVCache
 
+DRAFT_TOKENS = 4  # tokens the draft proposes per round, unless told otherwise
+
 
 @dataclass
 class SpecStats:
@@ -77,7 +79,7 @@ def speculative_generate(
     draft: Decoder,
     prompt_ids: list[int],
     max_new_tokens: int,
-    k: int = 4,
+    k: int = DRAFT_TOKENS,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,

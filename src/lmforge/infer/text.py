@@ -19,34 +19,61 @@ class TextStream:
     Text is held back while it ends in an incomplete UTF-8 character (byte-level BPE decodes
     half a character as U+FFFD) or in the beginning of a stop string, so a client never
     receives text that has to be taken back.
+
+    Each push decodes a small window of the newest ids, not the whole output (which made
+    streaming quadratic in its length): the window starts a few tokens back (``_prefix``), at
+    the token that ended the last complete text (``_read``), and the new text is the window's
+    decoding minus that of its head, as in TGI's ``decode_token`` and vLLM's
+    ``detokenize_incrementally``. Decoding the head along with the new tokens keeps what
+    depends on context right: a SentencePiece space, a character split across tokens.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
         self.decode, self.stop = decode, stop
-        self.text = ""  # everything sent so far
+        self._sent: list[str] = []  # every piece returned so far
+        self._held = ""  # final text held back: it may begin a stop string
+        self._prefix = self._read = 0  # window start; end of the ids whose text is out
+        self._ahead = 0  # characters after the head's text already out (before a cut char)
+
+    @property
+    def text(self) -> str:
+        """Everything sent so far."""
+        return "".join(self._sent)
 
     def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """(new final text, whether a stop string ended it) for all generated ``ids``."""
-        full = self.decode(ids)
-        if not full.startswith(self.text):  # a tokenizer that rewrites earlier text: keep ours
-            full = self.text + full[len(self.text):]
-        hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]
+        """(new final text, whether a stop string ended it) for all generated ``ids`` (the
+        same growing list each time: only the ids since the last push are new)."""
+        held = self._held + self._new_text(ids, final)
+        hits = [i for i in (held.find(s) for s in self.stop) if i >= 0]
         if hits:
-            return self._send(full[: min(hits)]), True
-        end = len(full)
-        if not final:
-            end = len(full.rstrip("\ufffd"))
-            end -= self._partial_stop(full[:end])
-        return self._send(full[: max(end, len(self.text))]), False
+            return self._send(held[: min(hits)], ""), True
+        keep = 0 if final else self._partial_stop(held)
+        return self._send(held[: len(held) - keep], held[len(held) - keep:]), False
+
+    def _new_text(self, ids: list[int], final: bool) -> str:
+        """Text of ``ids`` not returned before, up to the last complete character (all of it
+        when ``final``); decodes ids[_prefix:] only."""
+        assert len(ids) >= self._read, "push the same growing list of ids"
+        head = self.decode(ids[self._prefix : self._read])
+        window = self.decode(ids[self._prefix :])
+        start = len(head) + self._ahead
+        if not final and window.endswith("\ufffd"):  # a character still cut: send up to it
+            end = max(len(window.rstrip("\ufffd")), start)
+            self._ahead += end - start
+            return window[start:end]
+        self._prefix, self._read, self._ahead = self._read, len(ids), 0
+        return window[start:]
 
     def _partial_stop(self, text: str) -> int:
         """Length of the longest end of ``text`` that begins some stop string."""
         return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
 
-    def _send(self, upto: str) -> str:
-        delta, self.text = upto[len(self.text):], upto
-        return delta
+    def _send(self, out: str, held: str) -> str:
+        self._held = held
+        if out:
+            self._sent.append(out)
+        return out
 
 
 class HasDecoder(Protocol):

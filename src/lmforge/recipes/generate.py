@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from lmforge.config import ConfigError
-from lmforge.infer.generate import decode_layout
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.speculative import check_draft_tokenizer
+from lmforge.infer.speculative import DRAFT_TOKENS, check_draft_tokenizer
 from lmforge.infer.text import stream_text
 from lmforge.run import Placement, load_model
 
@@ -56,15 +55,15 @@ class Config(Placement):
 def main(cfg: Config) -> int:
     """Load the model and stream a continuation of the prompt."""
     console = Console(highlight=False)
-    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
-    draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
-    if draft is not None:
-        check_draft_tokenizer(cfg.run, cfg.draft or "", loaded.tokenizer, draft.tokenizer)
-    if draft is not None and cfg.compile:
+    if cfg.draft is not None and cfg.compile:
         raise ConfigError("compile: applies to plain decoding; leave it off with --draft")
-    decode_layout(loaded.model)  # last, after anything that replaces weights
-    if draft is not None:
-        decode_layout(draft.model)
+    # One row at a time; with a draft the target checks k+1 positions per forward instead.
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant,
+                        rows=1 if cfg.draft is None else DRAFT_TOKENS + 1)
+    draft = None
+    if cfg.draft is not None:  # the same placement (device, dtype, quant) as the target
+        draft = load_model(cfg.draft, cfg.device, cfg.dtype, cfg.quant, rows=1)
+        check_draft_tokenizer(cfg.run, cfg.draft, loaded.tokenizer, draft.tokenizer)
     console.print(cfg.prompt, end="", style="bold", markup=False)
     stream_text(loaded, cfg.prompt, console, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k,

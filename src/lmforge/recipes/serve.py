@@ -112,8 +112,12 @@ def main(cfg: Config) -> int:
                         "pip install 'lmforge[serve]'") from None
     keys = tuple(cfg.api_key) or tuple(k for k in [os.environ.get("LMFORGE_API_KEY")] if k)
     _check_port(cfg.host, cfg.port)
-    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant)
-    draft = None if cfg.draft is None else load_model(cfg.draft, cfg.device, cfg.dtype)
+    # Each step feeds every running row one position (with a draft: draft_tokens + 1).
+    rows = cfg.max_batch * (1 if cfg.draft is None else cfg.draft_tokens + 1)
+    loaded = load_model(cfg.run, cfg.device, cfg.dtype, cfg.quant, rows=rows)
+    draft = None  # the same placement (device, dtype, quant) as the target
+    if cfg.draft is not None:
+        draft = load_model(cfg.draft, cfg.device, cfg.dtype, cfg.quant, rows=cfg.max_batch)
     if draft is not None:
         check_draft_tokenizer(cfg.run, cfg.draft or "", loaded.tokenizer, draft.tokenizer)
     template = chat_template(loaded, cfg.template)
