@@ -13,7 +13,11 @@ Settings (levers), each on a fresh model from the same seed:
   head + cross-entropy in chunks on the final hidden states) instead of ``cross_entropy`` on
   full logits;
 - ``compile``: ``torch.compile`` per block — lmforge's ``parallel.apply_compile``, and the same
-  ``Module.compile()`` on each of transformers' decoder layers, so the peer gets the same lever.
+  ``Module.compile()`` on each of transformers' decoder layers, so the peer gets the same lever;
+- the floor (``floor_step``, 1-thread cases): the step's matrix products alone, then with SDPA,
+  on lmforge's shapes — the ceiling of any implementation calling those kernels.
+
+MFU is reported against this CPU's fp32 matmul peak, sampled once per round (best sample).
 
     python benchmarks/train_step.py             # the table
     python benchmarks/train_step.py --profile   # where the time goes (torch.profiler)
