@@ -13,10 +13,15 @@ Settings (levers), each on a fresh model from the same seed:
   head + cross-entropy in chunks on the final hidden states) instead of ``cross_entropy`` on
   full logits;
 - ``compile``: ``torch.compile`` per block — lmforge's ``parallel.apply_compile``, and the same
-  ``Module.compile()`` on each of transformers' decoder layers, so the peer gets the same lever.
+  ``Module.compile()`` on each of transformers' decoder layers, so the peer gets the same lever;
+- the floor (``floor_step``, 1-thread cases): the step's matrix products alone, then with SDPA,
+  on lmforge's shapes — the ceiling of any implementation calling those kernels.
+
+MFU is reported against this CPU's fp32 matmul peak, sampled once per round (best sample).
 
     python benchmarks/train_step.py             # the table
     python benchmarks/train_step.py --profile   # where the time goes (torch.profiler)
+    python benchmarks/train_step.py --levers --case llama-1m   # levers on the compiled step
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from lmforge.config import OptimConfig
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.registry import preset
 from lmforge.parallel import apply_compile
-from lmforge.train.losses import causal_lm_loss, mean_loss
+from lmforge.train.losses import causal_lm_loss, linear_cross_entropy, mean_loss
 from lmforge.train.optim import build_optimizer
 
 Step = Callable[[Tensor, Tensor], None]
+# Not settings of a model but the floor of its step (``floor_step``), timed in the same rounds.
+FLOOR_MM, FLOOR_ALL = "floor: matmuls only", "floor: matmuls + SDPA"
 LossOf = Callable[[Tensor, Tensor], Tensor]
 # (preset, micro-batch, sequence length, torch threads). One thread is the sturdy measure on
 # a shared machine: with more threads than free cores, every OpenMP barrier waits for a
@@ -49,11 +56,12 @@ CASES: tuple[tuple[str, int, int, int], ...] = (
 # machine's load, keeps only eager.
 SETTINGS: tuple[tuple[str, str], ...] = (
     ("lmforge", "eager"), ("lmforge", "chunked loss"), ("lmforge", "compile + chunked loss"),
-    ("transformers", "eager"), ("transformers", "compile"))
+    ("transformers", "eager"), ("transformers", "compile"),
+    ("lmforge", FLOOR_MM), ("lmforge", FLOOR_ALL))
 # Table rows: (lmforge setting, transformers setting) compared.
 PAIRS: tuple[tuple[str, str], ...] = (
     ("eager", "eager"), ("chunked loss", "eager"), ("compile + chunked loss", "eager"),
-    ("compile + chunked loss", "compile"))
+    ("compile + chunked loss", "compile"), (FLOOR_MM, "eager"), (FLOOR_ALL, "eager"))
 
 
 def hf_llama(cfg: DecoderConfig) -> nn.Module:
@@ -133,6 +141,47 @@ def make_step(model: nn.Module, loss_of: LossOf) -> Step:
     return step
 
 
+def floor_step(cfg: DecoderConfig, batch: int, seq_len: int, attention: bool,
+               chunk: int = 256) -> Step:
+    """The step's matrix products alone, on lmforge's shapes: every block linear's forward and
+    its two backward products, the tied head's three per chunk of ``chunk`` rows (as the
+    chunked loss runs them), and with ``attention`` SDPA's forward and backward per layer.
+
+    No implementation that calls these kernels can step faster, so transformers' step time over
+    this one is the most any such implementation can reach against it (the ceiling).
+    """
+    torch.manual_seed(0)
+    model, m = Decoder(cfg), batch * seq_len
+    weights = [mod.weight.detach() for mod in model.blocks.modules() if isinstance(mod, nn.Linear)]
+    acts = {w.shape: (torch.randn(m, w.shape[1]), torch.randn(m, w.shape[0])) for w in weights}
+    head = model.lm_head.weight.detach()  # (V, C)
+    h, g = torch.randn(m, cfg.n_embd), torch.randn(chunk, cfg.vocab_size)
+    dw = torch.zeros_like(head)
+    H, G, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    # (B, T, heads, D) viewed as (B, heads, T, D), the layout the model hands SDPA
+    q, k, v = (torch.randn(batch, seq_len, n, D).transpose(1, 2).requires_grad_()
+               for n in (H, G, G))
+    dy = torch.randn(batch, H, seq_len, D)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        for w in weights:
+            a, da = acts[w.shape]  # (M, in), (M, out)
+            F.linear(a, w)  # forward (M, out)
+            da @ w  # grad of the input (M, in)
+            da.t() @ a  # grad of the weight (out, in)
+        for s in range(0, m, chunk):
+            hc = h[s:s + chunk]  # (chunk, C)
+            hc @ head.t()  # logits (chunk, V)
+            g @ head  # grad of the hidden states (chunk, C)
+            dw.addmm_(g.t(), hc)  # grad of the head
+        for _ in range(cfg.n_layer if attention else 0):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=G != H).backward(dy)
+            q.grad = k.grad = v.grad = None
+
+    return step
+
+
 def batches(cfg: DecoderConfig, batch: int, seq_len: int, n: int) -> list[tuple[Tensor, Tensor]]:
     """``n`` fixed random (x, y) batches, shared by both libraries."""
     g = torch.Generator().manual_seed(1)
@@ -154,7 +203,10 @@ def measure(case: tuple[str, int, int, int], rounds: int, steps: int, warmup: in
     steps_of: dict[tuple[str, str], Step] = {}
     first: dict[tuple[str, str], float] = {}
     for key in chosen:
-        _, steps_of[key] = build_step(cfg, *key, check=data[0])
+        if key[1] in (FLOOR_MM, FLOOR_ALL):
+            steps_of[key] = floor_step(cfg, batch, seq_len, attention=key[1] == FLOOR_ALL)
+        else:
+            _, steps_of[key] = build_step(cfg, *key, check=data[0])
         t0 = time.perf_counter()
         for i in range(warmup):
             steps_of[key](*data[i % len(data)])
@@ -163,7 +215,9 @@ def measure(case: tuple[str, int, int, int], rounds: int, steps: int, warmup: in
     cpu: dict[tuple[str, str], list[float]] = {key: [] for key in steps_of}
     order = list(steps_of)
     tokens = len(data) * batch * seq_len
+    peaks: list[float] = []  # sampled every round, so one loaded moment cannot set it
     for r in range(rounds):
+        peaks.append(matmul_flops_per_cpu_second())
         k = r % len(order)
         for key in order[k:] + order[:k]:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -175,19 +229,21 @@ def measure(case: tuple[str, int, int, int], rounds: int, steps: int, warmup: in
             "params": n_params, "flops_per_token": Decoder(cfg).flops_per_token(seq_len),
             "wall": {key: median(v) for key, v in wall.items()},
             "cpu": {key: median(v) for key, v in cpu.items()}, "first": first,
+            "peak": max(peaks), "peaks": peaks,
             "rounds": {key: [round(s) for s in v] for key, v in wall.items()}}
 
 
-def matmul_seconds(n: int, repeats: int = 5) -> float:
-    """Best wall time of an n x n fp32 matmul on the current torch threads."""
+def matmul_flops_per_cpu_second(n: int = 1024, repeats: int = 3) -> float:
+    """This CPU's fp32 matmul rate on the current torch threads: the best of ``repeats``
+    n x n products, per CPU-second of this process (what other processes cannot steal)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = min(best, time.process_time() - c0)
+    return 2.0 * n**3 / best
 
 
 def run(rounds: int = 11, steps: int = 2, warmup: int = 2) -> Section:
@@ -205,7 +261,12 @@ def run(rounds: int = 11, steps: int = 2, warmup: int = 2) -> Section:
                 "ratio-per-CPU-second column divides by CPU time instead of wall time: on a "
                 "shared machine other processes steal wall time from whichever setting happens "
                 "to be running, so for the 1-thread rows it is the one to trust. `vs lmforge "
-                "eager` is per CPU-second too; `compile s` is the first step's wall time (one-off)."),
+                "eager` is per CPU-second too; `compile s` is the first step's wall time (one-off). "
+                f"`{FLOOR_MM}` / `{FLOOR_ALL}` (1-thread cases) time only the step's matrix "
+                "products on lmforge's shapes (each block linear forward and its two backward "
+                "products, the tied head's three per 256-row chunk), then also SDPA's forward "
+                "and backward per layer (`floor_step`), in the same rounds: their ratio to "
+                "transformers is the ceiling of any implementation calling those kernels."),
         columns=["config", "batch x seq", "threads", "lmforge", "transformers",
                  "lmforge tokens/s", "transformers tokens/s", "ratio lmforge / transformers",
                  "ratio per CPU-second", "vs lmforge eager", "lmforge GFLOP/s (6N+12LTd)",
@@ -223,14 +284,14 @@ def run(rounds: int = 11, steps: int = 2, warmup: int = 2) -> Section:
                                  "load more than the code.")
         _add_rows(section, r)
         if r["threads"] == 1:
-            peak = 2.0 * 1024**3 / matmul_seconds(1024)
-            best = max(v for (lib, _), v in r["wall"].items() if lib == "lmforge")
-            eager = r["wall"][("lmforge", "eager")]
+            peak, flops = r["peak"], r["flops_per_token"]
             section.notes.append(
-                f"`{r['case']}`, 1 thread: lmforge eager {eager * r['flops_per_token'] / peak:.0%}"
-                f", best setting {best * r['flops_per_token'] / peak:.0%} of this CPU's fp32 "
-                f"matmul peak ({peak / 1e9:.0f} GFLOP/s on one thread, best 1024^3 product): a "
-                "measured MFU to give `lmforge plan --mfu` for CPU runs.")
+                f"`{r['case']}`, 1 thread, MFU per CPU-second against this CPU's fp32 matmul "
+                f"peak ({peak / 1e9:.1f} GFLOP/s: the best 1024^3 product of "
+                f"{len(r['peaks'])} samples, one per round; each round's best: "
+                f"{', '.join(f'{p / 1e9:.0f}' for p in r['peaks'])}): " + "; ".join(
+                    f"{setting} {v * flops / peak:.0%}"
+                    for (lib, setting), v in r["cpu"].items() if lib == "lmforge") + ".")
         section.notes.append(f"`{r['case']}`, {r['threads']} thread(s), tokens/s per round: " +
                              "; ".join(f"{lib} {setting} {v}"
                                        for (lib, setting), v in r["rounds"].items()))
@@ -251,6 +312,93 @@ def _add_rows(section: Section, r: dict) -> None:
             f"**{cpu_ours / r['cpu'][theirs_key]:.2f}**", f"{cpu_ours / eager:.2f}",
             f"{ours * r['flops_per_token'] / 1e9:.1f}",
             f"{r['first'][ours_key]:.0f} / {r['first'][theirs_key]:.0f}"])
+
+
+# Levers tried on lmforge's best step (compile per block + chunked loss), 1 thread: each is
+# timed against that baseline in the same interleaved rounds (``levers``).
+LEVERS: tuple[str, ...] = (
+    "baseline (chunk 256)", "loss chunk 128", "loss chunk 512", "loss chunk 1024",
+    "compile dynamic=False", "compile the whole model",
+    "softmax attention written out (inductor fuses it)")
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                      dropout_p: float = 0.0, is_causal: bool = False,
+                      scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """SDPA's math written out (scores, causal mask, softmax, values), for inductor to fuse
+    instead of calling SDPA's CPU flash kernel; q (B, H, T, D), k and v (B, G, T, D)."""
+    H, G, T = q.shape[1], k.shape[1], q.shape[2]
+    if G != H:
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:  # (B, H, T, T)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return scores.softmax(dim=-1) @ v  # (B, H, T, D)
+
+
+def lever_step(cfg: DecoderConfig, lever: str) -> Step:
+    """lmforge's compiled step with the chunked loss, changed by one lever of ``LEVERS``."""
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    chunk = int(lever.split()[-1]) if lever.startswith("loss chunk") else 256
+    if lever == "compile the whole model":
+        model.compile()
+    elif lever == "compile dynamic=False":
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    else:
+        apply_compile(model)
+    if lever.startswith("softmax attention"):
+        for block in model.blocks:
+            block.attn.attend = softmax_attention
+
+    def loss_of(x: Tensor, y: Tensor) -> Tensor:
+        h = model(x, hidden=True).flatten(0, 1)  # (B*T, C)
+        return linear_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk) / y.numel()
+
+    return make_step(model, loss_of)
+
+
+def levers(case: tuple[str, int, int, int], rounds: int, steps: int = 2,
+           warmup: int = 2) -> Section:
+    """Each lever's tokens per CPU-second against the baseline, interleaved rounds."""
+    name, batch, seq_len, threads = case
+    torch.set_num_threads(threads)
+    cfg = preset(name)
+    data = batches(cfg, batch, seq_len, steps)
+    steps_of = {lever: lever_step(cfg, lever) for lever in LEVERS}
+    first: dict[str, float] = {}
+    for lever, step in steps_of.items():
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            step(*data[i % len(data)])
+        first[lever] = time.perf_counter() - t0
+    cpu: dict[str, list[float]] = {lever: [] for lever in LEVERS}
+    tokens = len(data) * batch * seq_len
+    for r in range(rounds):
+        k = r % len(LEVERS)
+        for lever in LEVERS[k:] + LEVERS[:k]:
+            c0 = time.process_time()
+            for x, y in data:
+                steps_of[lever](x, y)
+            cpu[lever].append(tokens / (time.process_time() - c0))
+    base = median(cpu[LEVERS[0]])
+    section = Section(
+        title=f"Training-step levers, `{name}` {batch} x {seq_len}, {threads} thread(s)",
+        method=(f"lmforge's step with `compile` per block and the chunked loss, each lever "
+                f"changing one thing; {warmup} warm-up steps (compiling), then {rounds} "
+                f"interleaved rounds of {steps} steps (order rotating); median tokens per "
+                "CPU-second; `python benchmarks/train_step.py --levers --case "
+                f"{name} --rounds {rounds}`."),
+        columns=["lever", "tokens per CPU-second", "vs baseline", "vs baseline, median of "
+                 "per-round ratios", "warm-up s (compile)", "per round"])
+    for lever in LEVERS:
+        # the load moves whole rounds up and down: a ratio within each round cancels most of it
+        per_round = median([a / b for a, b in zip(cpu[lever], cpu[LEVERS[0]], strict=True)])
+        section.rows.append([lever, f"{median(cpu[lever]):,.0f}",
+                             f"{median(cpu[lever]) / base:.2f}", f"**{per_round:.2f}**",
+                             f"{first[lever]:.0f}", ", ".join(f"{v:.0f}" for v in cpu[lever])])
+    return section
 
 
 def profile(case: tuple[str, int, int, int], settings: tuple[tuple[str, str], ...],
@@ -280,15 +428,21 @@ def main() -> None:
     """Command line: the table, or --profile."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="store_true", help="profile instead of timing")
-    ap.add_argument("--case", default="llama-6m", help="preset to profile")
+    ap.add_argument("--case", default="llama-6m", help="preset to profile or to time the levers on")
     ap.add_argument("--setting", action="append", default=None,
                     help="library:setting to profile, repeatable (default: both eager)")
+    ap.add_argument("--levers", action="store_true",
+                    help="time the levers on lmforge's compiled step instead")
     ap.add_argument("--rounds", type=int, default=11)
     args = ap.parse_args()
+    case = next(c for c in CASES if c[0] == args.case)
+    if args.levers:
+        print(levers(case, args.rounds).markdown())
+        return
     if args.profile:
         chosen = [tuple(s.split(":", 1)) for s in args.setting or
                   ["lmforge:eager", "transformers:eager"]]
-        profile(next(c for c in CASES if c[0] == args.case), tuple(chosen))  # type: ignore[arg-type]
+        profile(case, tuple(chosen))  # type: ignore[arg-type]
         return
     print(run(rounds=args.rounds).markdown())
 
