@@ -37,7 +37,15 @@ from lmforge.cli import run  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.models.decoder import Decoder, RopeScaling  # noqa: E402
 from lmforge.run import load_model  # noqa: E402
-from tests.parity.test_gguf import PROBE, TEXT, make_run, tiny_cfg, tokenizer_with  # noqa: E402
+from tests.parity.test_gguf import (  # noqa: E402
+    PROBE,
+    SPM_TEXT,
+    TEXT,
+    make_run,
+    spm_tokenizer,
+    tiny_cfg,
+    tokenizer_with,
+)
 
 TOKEN_TEXT = ("Hello, world! It's 2024:\n\n\tthe café's 3 cats; ünïcödé 東京 🙂 (x+y)=z.\n"
               "<|im_start|>user\nhi<|im_end|>")
@@ -108,6 +116,33 @@ def test_llama_cpp_tokenizes_as_we_do(pre: str, tmp_path: Path) -> None:
     for text in (TOKEN_TEXT, PROBE, *TEXT):
         theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert theirs == tok.encode(text).ids, text
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "normalizer"])
+def test_llama_cpp_runs_a_sentencepiece_vocabulary_as_we_do(legacy: bool,
+                                                             tmp_path: Path) -> None:
+    """A Llama 2-style tokenizer.json (byte-fallback BPE; Metaspace, or the legacy normalizer)
+    exported as a 'llama' vocabulary: llama.cpp's SPM tokenizer gives our ids on spaces,
+    newlines, accents, CJK and emoji (byte fallback); f32 logits within 1e-3, greedy tokens
+    identical."""
+    run_dir, model = make_run(tmp_path / "run", tiny_cfg(vocab_size=400, block_size=128))
+    tok = spm_tokenizer(run_dir, legacy=legacy)
+    path = export(run_dir, tmp_path / "m.gguf", "f32")
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    assert vocab.metadata["tokenizer.ggml.model"] == "llama"
+    for text in SPM_TEXT:
+        # llama.cpp always puts a space before the text; Metaspace does not when the text
+        # already starts with one ("  Hello": 3 "▁" in llama.cpp, 2 in tokenizers).
+        ours = text if legacy or not text.startswith(" ") else " " + text
+        assert vocab.tokenize(text.encode(), add_bos=False, special=False) == \
+            tok.encode(ours).ids, text
+    llm = llama(path, 128)
+    ids = tok.encode(" ".join(SPM_TEXT)).ids[:100]
+    diff = np.abs(their_logits(llm, ids) - our_logits(model, ids)).max()
+    print(f"llama.cpp SPM vocabulary, f32: max |Δlogits| = {diff:.2e} over {len(ids)} positions")
+    assert diff <= 1e-3
+    assert their_greedy(llm, ids[:12], 20) == list(generate(model, ids[:12], 20,
+                                                            temperature=0.0))
 
 
 def test_trained_llama_1m_tokenizer_in_llama_cpp(trained: tuple[Path, Any, Decoder],

@@ -448,6 +448,91 @@ def test_pre_type_by_llama_cpp_check_hash_of_the_real_smollm2_tokenizer() -> Non
     assert KNOWN_HASHES[check_hash(tok)] == "smollm"
 
 
+# Spaces (single, double, leading), newlines, tabs, accents, CJK and emoji: the last two are
+# not in the SentencePiece-style vocabulary below, so they take its byte fallback.
+SPM_TEXT = ["  Hello,  world!\n\n\tIt's 2024: the café's naïve ünïcödé",
+            "東京 日本語 🙂🦙 x  y\nthe cat", *TEXT[:2]]
+
+
+def spm_tokenizer(folder: Path, legacy: bool = False) -> Any:
+    """A tokenizer.json shaped like Llama 2's (trained here): byte-fallback BPE, "<unk>",
+    "<s>", "</s>", the 256 byte pieces <0x00>..<0xFF> in the vocabulary (not added tokens),
+    a non-splitting Metaspace (``legacy``: a Prepend/Replace normalizer, as Phi-3's); and the
+    tokenizer_config.json naming its special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", *pieces])
+    tok.train_from_iterator([PROBE, *TEXT, SPM_TEXT[0]] * 30, trainer)
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = data["added_tokens"][:3]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def spm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Path]:
+    """(run folder with a SentencePiece-style tokenizer, that tokenizer, its f32 GGUF)."""
+    root = tmp_path_factory.mktemp("spm")
+    run_dir, _ = make_run(root / "run", tiny_cfg(vocab_size=400))
+    tok = spm_tokenizer(run_dir)
+    out = root / "m.gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "f32",
+                "--out", str(out)]) == 0
+    return run_dir, tok, out
+
+
+def test_a_sentencepiece_vocabulary_is_written_as_llama_cpps_converter_writes_it(
+        spm_run: tuple[Path, Any, Path]) -> None:
+    """tokenizer.ggml.model 'llama'; tokens and types (CONTROL specials, BYTE pieces) as
+    gguf.LlamaHfVocab (llama.cpp's converter for a tokenizer.json without tokenizer.model)
+    builds them from the same folder; scores replay the tokenizer's merge order."""
+    from gguf import LlamaHfVocab
+
+    run_dir, tok, out = spm_run
+    meta = GGUFFile.open(out).meta
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.unknown_token_id"] == tok.token_to_id("<unk>") == 0
+    assert "tokenizer.ggml.merges" not in meta
+    want = list(LlamaHfVocab(run_dir).all_tokens())
+    assert meta["tokenizer.ggml.tokens"] == [t.decode() for t, _, _ in want]
+    assert meta["tokenizer.ggml.token_type"] == [int(k) for _, _, k in want]
+    assert {int(k) for _, _, k in want} == {1, 3, 6}  # NORMAL, CONTROL, BYTE all present
+    # LlamaHfVocab scores every token -1000 (a placeholder); ours: -rank of the merge that
+    # makes the token, so llama.cpp merges pairs in the tokenizer's order.
+    merges = json.loads((run_dir / "tokenizer.json").read_text())["model"]["merges"]
+    scores = meta["tokenizer.ggml.scores"]
+    for rank, (left, right) in enumerate(merges):
+        assert scores[tok.token_to_id(left + right)] == -rank
+    assert sum(s < 0 for s in scores) == len(merges) - 1  # all but rank 0
+
+
+def test_a_sentencepiece_gguf_imports_with_the_same_ids(spm_run: tuple[Path, Any, Path],
+                                                         tmp_path: Path) -> None:
+    """lmforge import of the 'llama' vocabulary (transformers' GGUF tokenizer converter,
+    merges rebuilt from the scores) encodes and decodes as the original tokenizer."""
+    _, tok, out = spm_run
+    assert run(["import", str(out), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back").tokenizer
+    for text in SPM_TEXT:
+        ids = tok.encode(text).ids
+        assert back.encode(text).ids == ids, text
+        assert back.decode(ids) == tok.decode(ids), text
+
+
 def hf_family(family: str) -> tuple[Any, str, str]:
     """(a tiny random transformers model, its pre-type, the llama.cpp arch) of ``family``."""
     t = pytest.importorskip("transformers")
