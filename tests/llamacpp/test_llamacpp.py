@@ -39,6 +39,7 @@ from lmforge.models.decoder import Decoder, RopeScaling  # noqa: E402
 from lmforge.run import load_model  # noqa: E402
 from tests.parity.test_gguf import (  # noqa: E402
     PROBE,
+    SPM_SPELLINGS,
     SPM_TEXT,
     TEXT,
     make_run,
@@ -118,22 +119,22 @@ def test_llama_cpp_tokenizes_as_we_do(pre: str, tmp_path: Path) -> None:
         assert theirs == tok.encode(text).ids, text
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "normalizer"])
-def test_llama_cpp_runs_a_sentencepiece_vocabulary_as_we_do(legacy: bool,
+@pytest.mark.parametrize("spelling", SPM_SPELLINGS)
+def test_llama_cpp_runs_a_sentencepiece_vocabulary_as_we_do(spelling: str,
                                                              tmp_path: Path) -> None:
-    """A Llama 2-style tokenizer.json (byte-fallback BPE; Metaspace, or the legacy normalizer)
-    exported as a 'llama' vocabulary: llama.cpp's SPM tokenizer gives our ids on spaces,
-    newlines, accents, CJK and emoji (byte fallback); f32 logits within 1e-3, greedy tokens
-    identical."""
+    """A Llama 2-style tokenizer.json (byte-fallback BPE; "▁" by Metaspace, the legacy
+    normalizer or Gemma's) exported as a 'llama' vocabulary: llama.cpp's SPM tokenizer gives
+    our ids on spaces, newlines, accents, CJK and emoji (byte fallback); f32 logits within
+    1e-3, greedy tokens identical."""
     run_dir, model = make_run(tmp_path / "run", tiny_cfg(vocab_size=400, block_size=128))
-    tok = spm_tokenizer(run_dir, legacy=legacy)
+    tok = spm_tokenizer(run_dir, spelling)
     path = export(run_dir, tmp_path / "m.gguf", "f32")
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     assert vocab.metadata["tokenizer.ggml.model"] == "llama"
     for text in SPM_TEXT:
         # llama.cpp always puts a space before the text; Metaspace does not when the text
         # already starts with one ("  Hello": 3 "▁" in llama.cpp, 2 in tokenizers).
-        ours = text if legacy or not text.startswith(" ") else " " + text
+        ours = " " + text if spelling == "metaspace" and text.startswith(" ") else text
         assert vocab.tokenize(text.encode(), add_bos=False, special=False) == \
             tok.encode(ours).ids, text
     llm = llama(path, 128)

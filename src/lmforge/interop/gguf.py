@@ -686,7 +686,7 @@ def gguf_tokenizer(f: GGUFFile) -> Any:
 def _spm_tokenizer(f: GGUFFile) -> Any:
     """A SentencePiece-style ('llama') vocabulary as transformers' GGUF loader rebuilds it
     (merges from the scores, byte fallback, "▁" for spaces), with the file's add_bos_token."""
-    from tokenizers import pre_tokenizers, processors
+    from tokenizers import decoders, normalizers, processors
 
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
@@ -699,9 +699,17 @@ def _spm_tokenizer(f: GGUFFile) -> Any:
     except (KeyError, ValueError) as e:
         raise UserError(f"{f.path}: transformers cannot rebuild its 'llama' vocabulary "
                         f"({type(e).__name__}: {e})") from None
-    if (f.meta.get("tokenizer.ggml.add_space_prefix") is False
-            and isinstance(tok.pre_tokenizer, pre_tokenizers.Metaspace)):
-        tok.pre_tokenizer.prepend_scheme = "never"
+    # Spaces as llama.cpp's SPM tokenizer reads them (transformers' phi3 builder does the
+    # same): every space "▁", and with add_space_prefix (its default) one more "▁" before each
+    # text and after each special token, even a text that starts with a space (where a
+    # Metaspace pre-tokenizer adds none).
+    prefix = bool(f.meta.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = (normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix
+                      else replace)
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), *([decoders.Strip(" ", 1, 0)] * prefix)])
     bos, _ = special_ids(f)
     tokens = tokenizer_dict["tokens"]
     if f.meta.get("tokenizer.ggml.add_bos_token", True) and bos is not None:  # llama.cpp's
@@ -733,9 +741,10 @@ def spm_space_prefix(tokenizer_json: dict[str, Any]) -> bool | None:
     """For a SentencePiece-style tokenizer.json (Llama 2, Mistral, Phi-3: a byte-fallback BPE
     over text whose spaces are "▁"), whether a "▁" is put before the text; None for others.
 
-    Two spellings exist: a Metaspace pre-tokenizer that does not split (transformers' current
+    Three spellings exist: a Metaspace pre-tokenizer that does not split (transformers' current
     Llama tokenizer), or a Prepend("▁") + Replace(" ", "▁") normalizer and no pre-tokenizer
-    (the legacy one, Phi-3's); llama.cpp's SPM tokenizer works as both do.
+    (the legacy one, Phi-3's), or Replace(" ", "▁") alone (Gemma's: no "▁" before the text);
+    llama.cpp's SPM tokenizer works as they do.
     """
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
@@ -744,7 +753,7 @@ def spm_space_prefix(tokenizer_json: dict[str, Any]) -> bool | None:
     if (norm is None and pre and pre.get("type") == "Metaspace" and not pre.get("split")
             and pre.get("replacement") == "\u2581"):
         return pre.get("prepend_scheme", "always") != "never"
-    parts = (norm or {}).get("normalizers") or []
+    parts = (norm or {}).get("normalizers") or ([norm] if norm else [])
     if pre is None and parts and all(p.get("type") in ("Prepend", "Replace") for p in parts):
         replace = [p for p in parts if p.get("type") == "Replace"]
         if replace == [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]:
