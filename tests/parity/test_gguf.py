@@ -460,11 +460,19 @@ SPM_TEXT = ["  Hello,  world!\n\n\tIt's 2024: the café's naïve ünïcödé",
 SPM_SPELLINGS = ("metaspace", "legacy", "gemma")
 
 
+def spm_cfg(spelling: str, **over: Any) -> DecoderConfig:
+    """A tiny config for a 400-token SentencePiece-style vocabulary: llama, or for Gemma's
+    spelling a Gemma 3 (llama.cpp's gemma3; transformers rebuilds its vocabulary as Gemma's)."""
+    gemma = dict(norm="rmsnorm1p", mlp="geglu", embed_scale=True, sandwich_norm=True,
+                 qk_norm=True) if spelling == "gemma" else {}
+    return tiny_cfg(vocab_size=400, **gemma, **over)
+
+
 def spm_tokenizer(folder: Path, spelling: str = "metaspace") -> Any:
     """A tokenizer.json shaped like Llama 2's (trained here): byte-fallback BPE, "<unk>",
     "<s>", "</s>", the 256 byte pieces <0x00>..<0xFF> in the vocabulary (not added tokens),
-    "▁" for spaces as ``spelling`` says; and the tokenizer_config.json naming its special
-    tokens."""
+    "▁" for spaces as ``spelling`` says (Gemma's with Gemma's special tokens); and the
+    tokenizer_config.json naming its special tokens."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -478,15 +486,19 @@ def spm_tokenizer(folder: Path, spelling: str = "metaspace") -> Any:
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), *strip])
     pieces = [f"<0x{b:02X}>" for b in range(256)]
+    # Llama 2's special tokens; Gemma's (ids 0-4, as transformers' Gemma tokenizer has them)
+    gemma = spelling == "gemma"
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] if gemma else ["<unk>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>", *pieces])
+                                  special_tokens=[*specials, *pieces])
     tok.train_from_iterator([PROBE, *TEXT, SPM_TEXT[0]] * 30, trainer)
     data = json.loads(tok.to_str())
-    data["added_tokens"] = data["added_tokens"][:3]
+    data["added_tokens"] = data["added_tokens"][:len(specials)]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        {"bos_token": "<bos>" if gemma else "<s>", "eos_token": "<eos>" if gemma else "</s>",
+         "unk_token": "<unk>"}))
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
@@ -532,12 +544,14 @@ def test_a_sentencepiece_vocabulary_is_written_as_llama_cpps_converter_writes_it
 def test_a_sentencepiece_gguf_imports_with_the_same_ids(spelling: str, tmp_path: Path) -> None:
     """lmforge import of the 'llama' vocabulary (transformers' GGUF tokenizer converter,
     merges rebuilt from the scores) encodes and decodes as the original tokenizer."""
-    run_dir, _ = make_run(tmp_path / "run", tiny_cfg(vocab_size=400))
+    run_dir, _ = make_run(tmp_path / "run", spm_cfg(spelling))
     tok = spm_tokenizer(run_dir, spelling)
     out = tmp_path / "m.gguf"
     assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "f32",
                 "--out", str(out)]) == 0
-    assert GGUFFile.open(out).meta["tokenizer.ggml.add_space_prefix"] is (spelling != "gemma")
+    meta = GGUFFile.open(out).meta
+    assert meta["tokenizer.ggml.add_space_prefix"] is (spelling != "gemma")
+    assert meta["general.architecture"] == ("gemma3" if spelling == "gemma" else "llama")
     assert run(["import", str(out), "--out", str(tmp_path / "back")]) == 0
     back = load_model(tmp_path / "back").tokenizer
     for text in SPM_TEXT:
