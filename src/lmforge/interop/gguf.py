@@ -56,6 +56,12 @@ looked up in the converter's table; a tokenizer trained here has no entry there,
 pre-tokenizer is then recognized by structure (GPT-2's regex, SmolLM's digits, Llama 3's
 or Qwen2's split regex).
 
+A SentencePiece-style tokenizer.json (byte-fallback BPE, "▁" for spaces: Llama 2, Mistral,
+Phi-3, Gemma) is written as a ``llama`` vocabulary, as the converter's ``gguf.LlamaHfVocab``
+writes one without tokenizer.model (tokens, BYTE/CONTROL types), but scored by merge rank rather
+than its -1000 placeholder (see merge_scores); it is read back through transformers' GGUF
+tokenizer converter.
+
 The ``gguf`` package (llama.cpp's own Python reader/writer) is imported only inside functions
 of this module, so lmforge works without it until a GGUF is read or written.
 """
