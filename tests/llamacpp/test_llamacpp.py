@@ -8,7 +8,8 @@ our exports and is compared with lmforge on the same token ids:
   its tokenizer gives our ids on text with newlines, punctuation, digits and non-ASCII; f32:
   its logits within 1e-3 of ours (f32 KV cache), its greedy continuation ours; q8_0: the same
   top-1 token as our fp32 model on >= 95% of positions;
-- on random tiny models: each pre-tokenizer; llama 3.1 rope, qwen2, qwen3, gpt2, gemma2,
+- on random tiny models: each pre-tokenizer; a SentencePiece-style tokenizer.json (Metaspace,
+  legacy normalizer, Gemma's on a Gemma 3) as a 'llama' vocabulary; llama 3.1 rope, qwen2, qwen3, gpt2, gemma2,
   gemma3 (f32; Gemma 3 also with a layout of sliding layers other than 5 local : 1 global,
   Gemma 2 at 46 layers, and Gemma files without their optional keys);
 - q8_0 and the K-quants (llama; gemma3 q8_0 and q5_k_m): the same top-1 token as our import

@@ -698,7 +698,8 @@ def _spm_tokenizer(f: GGUFFile) -> Any:
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:
         raise UserError(f"{f.path}: rebuilding a SentencePiece-style ('llama') GGUF vocabulary "
-                        "needs transformers; pip install transformers") from None
+                        "needs transformers' GGUF tokenizer converter (transformers 5, tested "
+                        "with 5.24); pip install -U transformers") from None
     try:
         arch, tokenizer_dict, _ = get_gguf_tokenizer(str(f.path))
         tok, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
