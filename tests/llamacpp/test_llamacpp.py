@@ -8,7 +8,8 @@ our exports and is compared with lmforge on the same token ids:
   its tokenizer gives our ids on text with newlines, punctuation, digits and non-ASCII; f32:
   its logits within 1e-3 of ours (f32 KV cache), its greedy continuation ours; q8_0: the same
   top-1 token as our fp32 model on >= 95% of positions;
-- on random tiny models: each pre-tokenizer; llama 3.1 rope, qwen2, qwen3, gpt2, gemma2,
+- on random tiny models: each pre-tokenizer; a SentencePiece-style tokenizer.json (Metaspace,
+  legacy normalizer, Gemma's on a Gemma 3) as a 'llama' vocabulary; llama 3.1 rope, qwen2, qwen3, gpt2, gemma2,
   gemma3 (f32; Gemma 3 also with a layout of sliding layers other than 5 local : 1 global,
   Gemma 2 at 46 layers, and Gemma files without their optional keys);
 - q8_0 and the K-quants (llama; gemma3 q8_0 and q5_k_m): the same top-1 token as our import
@@ -37,7 +38,17 @@ from lmforge.cli import run  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.models.decoder import Decoder, RopeScaling  # noqa: E402
 from lmforge.run import load_model  # noqa: E402
-from tests.parity.test_gguf import PROBE, TEXT, make_run, tiny_cfg, tokenizer_with  # noqa: E402
+from tests.parity.test_gguf import (  # noqa: E402
+    PROBE,
+    SPM_SPELLINGS,
+    SPM_TEXT,
+    TEXT,
+    make_run,
+    spm_cfg,
+    spm_tokenizer,
+    tiny_cfg,
+    tokenizer_with,
+)
 
 TOKEN_TEXT = ("Hello, world! It's 2024:\n\n\tthe café's 3 cats; ünïcödé 東京 🙂 (x+y)=z.\n"
               "<|im_start|>user\nhi<|im_end|>")
@@ -108,6 +119,36 @@ def test_llama_cpp_tokenizes_as_we_do(pre: str, tmp_path: Path) -> None:
     for text in (TOKEN_TEXT, PROBE, *TEXT):
         theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert theirs == tok.encode(text).ids, text
+
+
+@pytest.mark.parametrize("spelling", SPM_SPELLINGS)
+def test_llama_cpp_runs_a_sentencepiece_vocabulary_as_we_do(spelling: str,
+                                                             tmp_path: Path) -> None:
+    """A Llama 2-style tokenizer.json (byte-fallback BPE; "▁" by Metaspace, the legacy
+    normalizer or Gemma's) exported as a 'llama' vocabulary: llama.cpp's SPM tokenizer gives
+    our ids on spaces, newlines, accents, CJK and emoji (byte fallback); f32 logits within
+    1e-3, greedy tokens identical."""
+    run_dir, model = make_run(tmp_path / "run", spm_cfg(spelling, block_size=128))
+    tok = spm_tokenizer(run_dir, spelling)
+    path = export(run_dir, tmp_path / "m.gguf", "f32")
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    assert vocab.metadata["tokenizer.ggml.model"] == "llama"
+    for text in SPM_TEXT:
+        # llama.cpp always puts a space before the text; Metaspace does not when the text
+        # already starts with one ("  Hello": 3 "▁" in llama.cpp, 2 in tokenizers).
+        ours = " " + text if spelling == "metaspace" and text.startswith(" ") else text
+        assert vocab.tokenize(text.encode(), add_bos=False, special=False) == \
+            tok.encode(ours).ids, text
+    llm = llama(path, 128)
+    ids = tok.encode(" ".join(SPM_TEXT)).ids[:100]
+    gemma = spelling == "gemma"  # a Gemma 3: ggml's GELU table emulated, as above
+    ours = (table_gelu_logits if gemma else our_logits)(model, ids)
+    diff = np.abs(their_logits(llm, ids) - ours).max()
+    print(f"llama.cpp SPM vocabulary ({spelling}), f32: max |Δlogits| = {diff:.2e} over "
+          f"{len(ids)} positions")
+    assert diff <= (TABLE_GEMMA if gemma else 1e-3)
+    assert their_greedy(llm, ids[:12], 20) == list(generate(model, ids[:12], 20,
+                                                            temperature=0.0))
 
 
 def test_trained_llama_1m_tokenizer_in_llama_cpp(trained: tuple[Path, Any, Decoder],

@@ -448,6 +448,121 @@ def test_pre_type_by_llama_cpp_check_hash_of_the_real_smollm2_tokenizer() -> Non
     assert KNOWN_HASHES[check_hash(tok)] == "smollm"
 
 
+# Spaces (single, double, leading), newlines, tabs, accents, CJK and emoji: the last two are
+# not in the SentencePiece-style vocabulary below, so they take its byte fallback.
+SPM_TEXT = ["  Hello,  world!\n\n\tIt's 2024: the café's naïve ünïcödé",
+            "東京 日本語 🙂🦙 x  y\nthe cat", *TEXT[:2]]
+
+
+# The three ways a tokenizer.json spells SentencePiece's "▁" for spaces: a non-splitting
+# Metaspace (transformers' Llama 2 / Mistral), a Prepend + Replace normalizer (the legacy one,
+# Phi-3's), a Replace normalizer alone (Gemma's: no "▁" put before the text).
+SPM_SPELLINGS = ("metaspace", "legacy", "gemma")
+
+
+def spm_cfg(spelling: str, **over: Any) -> DecoderConfig:
+    """A tiny config for a 400-token SentencePiece-style vocabulary: llama, or for Gemma's
+    spelling a Gemma 3 (llama.cpp's gemma3; transformers rebuilds its vocabulary as Gemma's)."""
+    gemma = dict(norm="rmsnorm1p", mlp="geglu", embed_scale=True, sandwich_norm=True,
+                 qk_norm=True) if spelling == "gemma" else {}
+    return tiny_cfg(vocab_size=400, **gemma, **over)
+
+
+def spm_tokenizer(folder: Path, spelling: str = "metaspace") -> Any:
+    """A tokenizer.json shaped like Llama 2's (trained here): byte-fallback BPE, "<unk>",
+    "<s>", "</s>", the 256 byte pieces <0x00>..<0xFF> in the vocabulary (not added tokens),
+    "▁" for spaces as ``spelling`` says (Gemma's with Gemma's special tokens); and the
+    tokenizer_config.json naming its special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if spelling == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    else:
+        replace = normalizers.Replace(" ", "\u2581")
+        tok.normalizer = replace if spelling == "gemma" else normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), replace])
+    strip = [] if spelling == "gemma" else [decoders.Strip(" ", 1, 0)]
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), *strip])
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    # Llama 2's special tokens; Gemma's (ids 0-4, as transformers' Gemma tokenizer has them)
+    gemma = spelling == "gemma"
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] if gemma else ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=[*specials, *pieces])
+    tok.train_from_iterator([PROBE, *TEXT, SPM_TEXT[0]] * 30, trainer)
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = data["added_tokens"][:len(specials)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>" if gemma else "<s>", "eos_token": "<eos>" if gemma else "</s>",
+         "unk_token": "<unk>"}))
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def spm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Path]:
+    """(run folder with a SentencePiece-style tokenizer, that tokenizer, its f32 GGUF)."""
+    root = tmp_path_factory.mktemp("spm")
+    run_dir, _ = make_run(root / "run", tiny_cfg(vocab_size=400))
+    tok = spm_tokenizer(run_dir)
+    out = root / "m.gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "f32",
+                "--out", str(out)]) == 0
+    return run_dir, tok, out
+
+
+def test_a_sentencepiece_vocabulary_is_written_as_llama_cpps_converter_writes_it(
+        spm_run: tuple[Path, Any, Path]) -> None:
+    """tokenizer.ggml.model 'llama'; tokens and types (CONTROL specials, BYTE pieces) as
+    gguf.LlamaHfVocab (llama.cpp's converter for a tokenizer.json without tokenizer.model)
+    builds them from the same folder; scores replay the tokenizer's merge order."""
+    from gguf import LlamaHfVocab
+
+    run_dir, tok, out = spm_run
+    meta = GGUFFile.open(out).meta
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.unknown_token_id"] == tok.token_to_id("<unk>") == 0
+    assert "tokenizer.ggml.merges" not in meta
+    want = list(LlamaHfVocab(run_dir).all_tokens())
+    assert meta["tokenizer.ggml.tokens"] == [t.decode() for t, _, _ in want]
+    assert meta["tokenizer.ggml.token_type"] == [int(k) for _, _, k in want]
+    assert {int(k) for _, _, k in want} == {1, 3, 6}  # NORMAL, CONTROL, BYTE all present
+    # LlamaHfVocab scores every token -1000 (a placeholder); ours: -rank of the merge that
+    # makes the token, so llama.cpp merges pairs in the tokenizer's order.
+    merges = json.loads((run_dir / "tokenizer.json").read_text())["model"]["merges"]
+    scores = meta["tokenizer.ggml.scores"]
+    for rank, (left, right) in enumerate(merges):
+        assert scores[tok.token_to_id(left + right)] == -rank
+    assert sum(s < 0 for s in scores) == len(merges) - 1  # all but rank 0
+
+
+@pytest.mark.parametrize("spelling", SPM_SPELLINGS)
+def test_a_sentencepiece_gguf_imports_with_the_same_ids(spelling: str, tmp_path: Path) -> None:
+    """lmforge import of the 'llama' vocabulary (transformers' GGUF tokenizer converter,
+    merges rebuilt from the scores) encodes and decodes as the original tokenizer."""
+    run_dir, _ = make_run(tmp_path / "run", spm_cfg(spelling))
+    tok = spm_tokenizer(run_dir, spelling)
+    out = tmp_path / "m.gguf"
+    assert run(["export", "--run", str(run_dir), "--format", "gguf", "--gguf_type", "f32",
+                "--out", str(out)]) == 0
+    meta = GGUFFile.open(out).meta
+    assert meta["tokenizer.ggml.add_space_prefix"] is (spelling != "gemma")
+    assert meta["general.architecture"] == ("gemma3" if spelling == "gemma" else "llama")
+    assert run(["import", str(out), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back").tokenizer
+    for text in SPM_TEXT:
+        # As llama.cpp reads the file: one "▁" before a text that starts with a space too,
+        # where a Metaspace adds none (tests/llamacpp checks llama.cpp's ids are these).
+        ours = " " + text if spelling == "metaspace" and text.startswith(" ") else text
+        ids = tok.encode(ours).ids
+        assert back.encode(text).ids == ids, text
+        assert back.decode(ids) == tok.decode(ids), text
+
+
 def hf_family(family: str) -> tuple[Any, str, str]:
     """(a tiny random transformers model, its pre-type, the llama.cpp arch) of ``family``."""
     t = pytest.importorskip("transformers")
@@ -480,6 +595,9 @@ def hf_family(family: str) -> tuple[Any, str, str]:
         "gpt2": lambda: (t.GPT2LMHeadModel(t.GPT2Config(vocab_size=320, n_embd=64, n_layer=2,
                                                         n_head=4, n_positions=128)),
                          "gpt-2", "gpt2"),
+        # Phi-3 (fused qkv and gate_up) runs as llama.cpp's llama; a SentencePiece vocabulary
+        "phi3": lambda: (t.Phi3ForCausalLM(t.Phi3Config(**{**base, "vocab_size": 400},
+                                                         pad_token_id=0)), "default", "llama"),
         "gemma2": lambda: (gemma("gemma2", **tiny_gemma), "gpt-2", "gemma2"),
         "gemma3": lambda: (gemma("gemma3", **tiny_gemma), "llama-bpe", "gemma3"),
     }[family]()
@@ -487,7 +605,7 @@ def hf_family(family: str) -> tuple[Any, str, str]:
 
 
 @pytest.mark.parametrize("family", ["llama3", "linear", "smollm2", "qwen2", "qwen3", "gpt2",
-                                    "gemma2", "gemma3"])
+                                    "phi3", "gemma2", "gemma3"])
 def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -> None:
     """transformers model -> lmforge import -> GGUF (f32) -> lmforge import: the logits of the
     last equal transformers' (<= 1e-4), greedy tokens identical; the file holds llama.cpp's
@@ -498,7 +616,10 @@ def test_family_through_gguf_matches_transformers(family: str, tmp_path: Path) -
 
     hf, pre, arch = hf_family(family)
     hf.save_pretrained(tmp_path / "hf")
-    tokenizer_with(pre, tmp_path / "hf" / "tokenizer.json")
+    if pre == "default":  # Phi-3's tokenizer.json: the legacy SentencePiece spelling
+        spm_tokenizer(tmp_path / "hf", "legacy")
+    else:
+        tokenizer_with(pre, tmp_path / "hf" / "tokenizer.json")
     assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     out = tmp_path / "m.gguf"
     assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--gguf_type",

@@ -272,11 +272,13 @@ def test_phi3_fused_tensors_split_on_import_and_fused_on_export(window: int | No
 
 def test_metaspace_tokenizer_in_and_out(tmp_path: Path) -> None:
     """A SentencePiece-style tokenizer.json (Llama 2 / Mistral: ▁ for spaces, byte fallback)
-    survives import and hf export: transformers' tokenizer of the export encodes and decodes
-    as the source's; GGUF export refuses it in one line naming it."""
+    survives import, hf export (transformers' tokenizer of the export encodes and decodes as
+    the source's) and GGUF export (a 'llama' vocabulary rebuilt with the same ids)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
+    pytest.importorskip("gguf")
     from lmforge.config import UserError
+    from lmforge.interop.gguf import GGUFFile, gguf_tokenizer
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
@@ -286,6 +288,9 @@ def test_metaspace_tokenizer_in_and_out(tmp_path: Path) -> None:
     specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
     tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 50,
                             trainers.BpeTrainer(vocab_size=290, special_tokens=specials))
+    # As in Llama 2's tokenizer.json, the byte pieces are vocabulary, not added tokens.
+    data = json.loads(tok.to_str())
+    tok = Tokenizer.from_str(json.dumps({**data, "added_tokens": data["added_tokens"][:3]}))
     model = hf_model("llama3")
     model.resize_token_embeddings(tok.get_vocab_size())
     model.save_pretrained(tmp_path / "hf")
@@ -299,8 +304,19 @@ def test_metaspace_tokenizer_in_and_out(tmp_path: Path) -> None:
     assert run(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert theirs(text, add_special_tokens=False).input_ids == tok.encode(text).ids
-    ids_ = tok.encode(text).ids  # (the byte tokens were trained as special: keep them)
+    ids_ = tok.encode(text).ids
     assert theirs.decode(ids_) == loaded.tokenizer.decode(ids_, skip_special_tokens=False) == text
-    with pytest.raises(UserError, match=r"SentencePiece-style \(Metaspace\)"):
+    # GGUF: a 'llama' (SentencePiece) vocabulary whose rebuilt tokenizer encodes as the source
+    assert run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
+                str(tmp_path / "g")]) == 0
+    meta = GGUFFile.open(next((tmp_path / "g").glob("*.gguf"))).meta
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert gguf_tokenizer(GGUFFile.open(next((tmp_path / "g").glob("*.gguf")))).encode(
+        text).ids == tok.encode(text).ids
+    # A BPE that is neither byte-level nor SentencePiece-shaped stays refused in one line.
+    data = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "run" / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"SentencePiece-style BPE other than Llama 2's"):
         run(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out",
-             str(tmp_path / "g")])
+             str(tmp_path / "g2")])

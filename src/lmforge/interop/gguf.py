@@ -56,6 +56,12 @@ looked up in the converter's table; a tokenizer trained here has no entry there,
 pre-tokenizer is then recognized by structure (GPT-2's regex, SmolLM's digits, Llama 3's
 or Qwen2's split regex).
 
+A SentencePiece-style tokenizer.json (byte-fallback BPE, "▁" for spaces: Llama 2, Mistral,
+Phi-3, Gemma) is written as a ``llama`` vocabulary, as the converter's ``gguf.LlamaHfVocab``
+writes one without tokenizer.model (tokens, BYTE/CONTROL types), but scored by merge rank rather
+than its -1000 placeholder (see merge_scores); it is read back through transformers' GGUF
+tokenizer converter.
+
 The ``gguf`` package (llama.cpp's own Python reader/writer) is imported only inside functions
 of this module, so lmforge works without it until a GGUF is read or written.
 """
@@ -65,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -107,6 +114,7 @@ _IN_BLOCK = {
     "mlp.fc_out": "ffn_down", "attn_post_norm": "post_attention_norm",
     "mlp_post_norm": "post_ffw_norm",
 }
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 _QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # fused, in this order, as gpt2's attn_qkv
 ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's gemma graphs (src/models/gemma2.cpp, gemma3.cpp): with no sliding_window_pattern
@@ -117,7 +125,7 @@ GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 GEMMA2_CAPS = (50.0, 30.0)  # attention, final logits
 GEMMA2_WINDOW = 4096
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
 # Source metadata an import keeps and an export writes back (beyond what we compute):
 # every general.* key but these, and these tokenizer ids.
 _OWN_GENERAL = ("general.architecture", "general.type", "general.file_type",
@@ -653,9 +661,11 @@ def gguf_tokenizer(f: GGUFFile) -> Any:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind = f.meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _spm_tokenizer(f)
     if kind != "gpt2":
         raise UserError(f"{f.path}: tokenizer.ggml.model is {kind!r}; lmforge rebuilds byte-level "
-                        "BPE ('gpt2') vocabularies only, not SentencePiece ('llama')")
+                        "BPE ('gpt2') and SentencePiece-style ('llama') vocabularies")
     tokens = list(f.need("tokenizer.ggml.tokens"))
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -679,6 +689,44 @@ def gguf_tokenizer(f: GGUFFile) -> Any:
     return tok
 
 
+def _spm_tokenizer(f: GGUFFile) -> Any:
+    """A SentencePiece-style ('llama') vocabulary as transformers' GGUF loader rebuilds it
+    (merges from the scores, byte fallback, "▁" for spaces), with the file's add_bos_token."""
+    from tokenizers import decoders, normalizers, processors
+
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:
+        raise UserError(f"{f.path}: rebuilding a SentencePiece-style ('llama') GGUF vocabulary "
+                        "needs transformers' GGUF tokenizer converter (transformers 5, tested "
+                        "with 5.24); pip install -U transformers") from None
+    try:
+        arch, tokenizer_dict, _ = get_gguf_tokenizer(str(f.path))
+        tok, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{f.path}: transformers cannot rebuild its 'llama' vocabulary "
+                        f"({type(e).__name__}: {e})") from None
+    # Spaces as llama.cpp's SPM tokenizer reads them (transformers' phi3 builder does the
+    # same): every space "▁", and with add_space_prefix (its default) one more "▁" before each
+    # text and after each special token, even a text that starts with a space (where a
+    # Metaspace pre-tokenizer adds none).
+    prefix = bool(f.meta.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = (normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix
+                      else replace)
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), *([decoders.Strip(" ", 1, 0)] * prefix)])
+    bos, _ = special_ids(f)
+    tokens = tokenizer_dict["tokens"]
+    if f.meta.get("tokenizer.ggml.add_bos_token", True) and bos is not None:  # llama.cpp's
+        tok.post_processor = processors.TemplateProcessing(  # default for 'llama': add BOS
+            single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A")
+    return tok
+
+
 @dataclass
 class Vocab:
     """A tokenizer.json as GGUF's tokenizer.ggml.* keys hold it."""
@@ -688,6 +736,51 @@ class Vocab:
     merges: list[str]
     pre: str
     add_bos: bool
+    model: str = "gpt2"
+    """tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)."""
+    scores: list[float] | None = None
+    """SentencePiece-style only: each token's merge priority (higher merges first)."""
+    add_space_prefix: bool | None = None
+    unk_id: int | None = None
+
+
+def spm_space_prefix(tokenizer_json: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style tokenizer.json (Llama 2, Mistral, Phi-3: a byte-fallback BPE
+    over text whose spaces are "▁"), whether a "▁" is put before the text; None for others.
+
+    Three spellings exist: a Metaspace pre-tokenizer that does not split (transformers' current
+    Llama tokenizer), or a Prepend("▁") + Replace(" ", "▁") normalizer and no pre-tokenizer
+    (the legacy one, Phi-3's), or Replace(" ", "▁") alone (Gemma's: no "▁" before the text);
+    llama.cpp's SPM tokenizer works as they do.
+    """
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    pre, norm = tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer")
+    if (norm is None and pre and pre.get("type") == "Metaspace" and not pre.get("split")
+            and pre.get("replacement") == "\u2581"):
+        return pre.get("prepend_scheme", "always") != "never"
+    parts = (norm or {}).get("normalizers") or ([norm] if norm else [])
+    if pre is None and parts and all(p.get("type") in ("Prepend", "Replace") for p in parts):
+        replace = [p for p in parts if p.get("type") == "Replace"]
+        if replace == [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]:
+            return {"type": "Prepend", "prepend": "\u2581"} in parts
+    return None
+
+
+def merge_scores(tokens: list[str], merges: list[Any]) -> list[float]:
+    """SentencePiece scores that replay a BPE's merge order: the token made by merge r scores
+    -r (its first merge), every other token 0.
+
+    llama.cpp's SPM tokenizer (and transformers' GGUF reader, which rebuilds merges from the
+    scores) merges the adjacent pair whose joined token scores highest, so ranks make it merge
+    in the tokenizer.json's order. llama.cpp's converter writes -1000 for every token here
+    (gguf.LlamaHfVocab, a placeholder), which merges left to right instead.
+    """
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), r)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
 
 
 def _gguf_vocab(tokenizer_path: Path, vocab_size: int) -> Vocab:
@@ -696,13 +789,15 @@ def _gguf_vocab(tokenizer_path: Path, vocab_size: int) -> Vocab:
 
     data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     tok = Tokenizer.from_file(str(tokenizer_path))
-    pre = choose_pre(tok, data)
+    space_prefix = spm_space_prefix(data)
+    pre = "default" if space_prefix is not None else choose_pre(tok, data)
     kind, why = data.get("model", {}).get("type"), None
     if kind != "BPE":
         why = f"a {kind} model, where GGUF export writes byte-level BPE"
-    elif data.get("normalizer") or "Metaspace" in json.dumps(data.get("pre_tokenizer")):
-        why = ("a SentencePiece-style (Metaspace) BPE, which llama.cpp reads as a 'llama' "
-               "vocabulary with scores; lmforge writes byte-level BPE ('gpt2') only")
+    elif space_prefix is None and (data.get("normalizer")
+                                   or "Metaspace" in json.dumps(data.get("pre_tokenizer"))):
+        why = ("a SentencePiece-style BPE other than Llama 2's (a byte-fallback BPE with a "
+               "non-splitting Metaspace, or a Prepend/Replace normalizer)")
     elif pre is None:
         why = ("a pre-tokenizer that is none of llama.cpp's gpt-2, smollm, llama-bpe, qwen2 "
                "split rules")
@@ -718,11 +813,18 @@ def _gguf_vocab(tokenizer_path: Path, vocab_size: int) -> Vocab:
         tokens[i], types[i] = text, NORMAL
     for i, added in tok.get_added_tokens_decoder().items():
         types[i] = CONTROL if added.special else USER_DEFINED
+    if space_prefix is not None:  # as gguf.LlamaHfVocab: byte-fallback pieces <0x00>..<0xFF>
+        types = [BYTE if BYTE_TOKEN.fullmatch(t) else k for t, k in zip(tokens, types)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     # A BOS-prepending post-processor (what gguf_tokenizer builds from add_bos_token) -> true.
     post = data.get("post_processor") or {}
     first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
-    return Vocab(tokens, types, merges, pre, "SpecialToken" in first)
+    add_bos = "SpecialToken" in first
+    if space_prefix is None:
+        return Vocab(tokens, types, merges, pre, add_bos)
+    unk = data["model"].get("unk_token")
+    return Vocab(tokens, types, [], pre, add_bos, "llama", merge_scores(tokens, merges),
+                 space_prefix, tok.token_to_id(unk) if unk else None)
 
 
 # --------------------------------------------------------------------------- writing
@@ -793,11 +895,18 @@ def _metadata(w: Any, cfg: DecoderConfig, arch: str, meta: GGUFMeta, file_type: 
         _gemma_metadata(w, cfg, arch)
     w.add_vocab_size(cfg.vocab_size)
     vocab = _gguf_vocab(meta.tokenizer, cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
+    if vocab.model == "gpt2":
+        w.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.unk_id is not None and "tokenizer.ggml.unknown_token_id" not in meta.kept:
+        w.add_unk_token_id(vocab.unk_id)
     # A run trained by lmforge has no BOS: its documents follow <|endoftext|>, which llama.cpp
     # also accepts as BOS (GPT-2's convention); nothing is prepended either way.
     bos = meta.bos_id if meta.bos_id is not None else meta.eos_id
