@@ -25,6 +25,7 @@ from lmforge.infer.quant import (
     OUTLIER,
     Int8DynamicLinear,
     Int8Embedding,
+    SharedInput,
     load_quantized,
     quantize,
 )
@@ -179,6 +180,22 @@ def test_int8_dynamic_takes_outlier_features_apart(monkeypatch: pytest.MonkeyPat
     whole = _rel(Int8DynamicLinear(linear)(x), want)
     assert split.max() < 0.02  # measured 0.005
     assert (whole > 4 * split).all()
+
+
+@torch.no_grad()
+def test_int8_dynamic_siblings_share_only_the_same_input() -> None:
+    """Layers fed one tensor (q/k/v) prepare it once; another tensor, or the same values in a
+    new tensor, is prepared anew: each result equals the layer's own, unshared."""
+    one = SharedInput()
+    a, b = (Int8DynamicLinear(_layer(n_out), one) for n_out in (96, 32))
+    alone = Int8DynamicLinear(_layer(32))
+    x, z = torch.randn(3, 128), torch.randn(3, 128) * 10
+    x[0, 7] = 50.0  # one outlier row
+    a(x)
+    assert one.ref is not None and one.ref() is x
+    assert torch.equal(b(x), alone(x))
+    assert torch.equal(b(z), alone(z)) and not torch.equal(b(z), alone(x))
+    assert torch.equal(b(x.clone()), alone(x))
 
 
 def test_int8_is_fbgemm_on_cpu_fp32_and_torchao_in_bf16(

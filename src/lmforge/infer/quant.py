@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, Literal
@@ -127,6 +128,17 @@ def fbgemm_int8(device: torch.device, dtype: torch.dtype) -> bool:
             and "fbgemm" in torch.backends.quantized.supported_engines)
 
 
+class SharedInput:
+    """The quantization-ready input of the last call, shared by sibling layers that are fed the
+    same tensor (q/k/v, gate/up): preparing it is a dozen small ops, which at batch 1 cost as
+    much as the int8 GEMM itself. Recognised by identity (a weak reference, so nothing is kept
+    alive); the decoder never changes a layer's input in place."""
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref[Tensor] | None = None
+        self.rows, self.scale = torch.empty(0), torch.empty(0)
+
+
 class Int8DynamicLinear(nn.Module):
     """A linear layer whose int8 weights (one symmetric scale per output channel) are packed
     for fbgemm, and whose input is quantized to 8 bits per call: fbgemm's dynamic GEMM.
@@ -136,9 +148,10 @@ class Int8DynamicLinear(nn.Module):
     and the output row multiplied back (exact: the map is linear), and the activations above
     ``OUTLIER`` x their row's mean |x| are split off into rows of their own in the same call,
     so each row's 8-bit step follows its own range. The bias is added in fp32 afterwards.
+    Layers given one ``shared`` prepare an input they were all fed only once.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, shared: SharedInput | None = None) -> None:
         super().__init__()
         from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
@@ -151,13 +164,13 @@ class Int8DynamicLinear(nn.Module):
             qweight = torch.quantize_per_channel(w, scale.double(), zero.long(), 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.shared = shared or SharedInput()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(),
                                                                   requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (..., K) fp32 -> (..., N) fp32."""
+    def _prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., K) -> rows (M or 2M, K) with max |row| = 1, and their scales (M or 2M, 1)."""
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        m = rows.shape[0]
         mag = rows.abs()
         outlier = mag > mag.mean(-1, keepdim=True).mul_(OUTLIER)  # (M, K)
         if bool(outlier.any()):  # no index_add/nonzero: per call they cost more than the GEMM
@@ -165,9 +178,18 @@ class Int8DynamicLinear(nn.Module):
             rows = torch.cat([rows - apart, apart])  # (2M, K)
             mag = rows.abs()
         scale = mag.amax(-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
-        y = torch.ops.quantized.linear_dynamic(rows / scale, self.packed, reduce_range=True)
-        y = y.mul_(scale)  # (M or 2M, N)
-        if y.shape[0] > m:
+        return rows / scale, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., K) fp32 -> (..., N) fp32."""
+        shared = self.shared
+        if shared.ref is None or shared.ref() is not x:
+            shared.rows, shared.scale = self._prepare(x)
+            shared.ref = weakref.ref(x)
+        y = torch.ops.quantized.linear_dynamic(shared.rows, self.packed, reduce_range=True)
+        y = y.mul_(shared.scale)  # (M or 2M, N)
+        m = x.numel() // self.in_features
+        if y.shape[0] > m:  # the outliers' rows
             y = y[:m].add_(y[m:])
         if self.bias is not None:
             y = y + self.bias
@@ -177,14 +199,15 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def quantize_linear(linear: nn.Linear, method: str) -> nn.Module:
+def quantize_linear(linear: nn.Linear, method: str,
+                    shared: SharedInput | None = None) -> nn.Module:
     """``linear`` quantized by ``method``: the same module with a torchao weight (int8 off
     fbgemm's CPU path, int4), or an ``Int8DynamicLinear`` (int8-dynamic; int8 on a CPU in
-    fp32). An int4 layer whose in_features is not a multiple of ``INT4_GROUP`` is returned as
-    it is (floating point)."""
+    fp32; ``shared``: see ``SharedInput``). An int4 layer whose in_features is not a multiple
+    of ``INT4_GROUP`` is returned as it is (floating point)."""
     w = linear.weight
     if method == "int8-dynamic" or (method == "int8" and fbgemm_int8(w.device, w.dtype)):
-        return Int8DynamicLinear(linear)
+        return Int8DynamicLinear(linear, shared)
     if method == "int8":
         return _int8(linear)
     if method == "int4":
@@ -269,8 +292,10 @@ def quantize(model: Decoder, method: str) -> Decoder:
         return model
     _quantize_embedding(model)
     tied_head = model.lm_head if model.cfg.tie_embeddings else None  # not a Linear on CPU
+    shared: dict[tuple[int, int], SharedInput] = {}
     for parent, name, child in _linears(model, tied_head):
-        setattr(parent, name, quantize_linear(child, method))
+        key = (id(parent), child.in_features)  # siblings that may be fed one tensor
+        setattr(parent, name, quantize_linear(child, method, shared.setdefault(key, SharedInput())))
     return model
 
 
@@ -284,6 +309,7 @@ def load_quantized(model: Decoder, method: str, device: torch.device,
     assert method != "none", "an unquantized load goes through run.build_model"
     check_quant(method, device, next(model.parameters()).dtype)
     tied_head = model.lm_head if model.cfg.tie_embeddings else None
+    shared: dict[tuple[str, int], SharedInput] = {}  # as in quantize
     for name, module in list(model.named_modules()):
         if module is tied_head:
             continue  # it gets the token table's weight
@@ -301,7 +327,8 @@ def load_quantized(model: Decoder, method: str, device: torch.device,
             _quantize_embedding(model)
         elif isinstance(module, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, quantize_linear(module, method))
+            one = shared.setdefault((parent_name, module.in_features), SharedInput())
+            setattr(model.get_submodule(parent_name), attr, quantize_linear(module, method, one))
             release_freed_memory()  # see utils.memory: else the heap grows layer by layer
     model.init_buffers()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
