@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import Section, fmt_mib, load_average, median
 
@@ -49,9 +50,7 @@ def _status_kib(key: str) -> int:
 def worker(run: str, method: str, rounds: int, ppl_tokens: int, threads: int) -> dict:
     """One method in this fresh process: memory, speed, tokens and perplexity."""
     import torch
-    import torch.nn.functional as F
 
-    from lmforge.data.corpora import pydoc_topics_text
     from lmforge.infer.generate import generate
     from lmforge.run import load_model
 
@@ -74,6 +73,21 @@ def worker(run: str, method: str, rounds: int, ppl_tokens: int, threads: int) ->
             tokens = out
             after_completion = _status_kib("VmRSS")
             peak = _status_kib("VmHWM")
+    ppl, n = perplexity(model, tok, ppl_tokens)
+    return {"method": method, "imported": imported * 1024, "load": after_load * 1024,
+            "completion": after_completion * 1024, "peak": peak * 1024,
+            "decode": median(speeds), "speeds": speeds, "tokens": tokens,
+            "text": tok.decode(tokens), "ppl": ppl, "ppl_tokens": n}
+
+
+def perplexity(model: Any, tok: Any, ppl_tokens: int) -> tuple[float, int]:
+    """Perplexity of ``model`` on the first ``ppl_tokens`` (+1) tokens of CPython's pydoc topics
+    (sorted by name, joined by blank lines), in windows of WINDOW; and the tokens scored."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.data.corpora import pydoc_topics_text
+
     text = "\n\n".join(t for _, t in sorted(pydoc_topics_text().items()))
     ids = torch.tensor(tok.encode(text).ids[: ppl_tokens + 1])
     nll, n = 0.0, 0
@@ -84,10 +98,7 @@ def worker(run: str, method: str, rounds: int, ppl_tokens: int, threads: int) ->
             logits = model(x)  # (1, T, V)
             nll += F.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
             n += y.numel()
-    return {"method": method, "imported": imported * 1024, "load": after_load * 1024,
-            "completion": after_completion * 1024, "peak": peak * 1024,
-            "decode": median(speeds), "speeds": speeds, "tokens": tokens,
-            "text": tok.decode(tokens), "ppl": math.exp(nll / n), "ppl_tokens": n}
+    return math.exp(nll / n), n
 
 
 def _in_subprocess(args: argparse.Namespace, run: str, method: str) -> dict:

@@ -27,7 +27,7 @@ per row); a tied output head (SmolLM2, Llama 3.2) uses that same table as an int
 linear (on CPU ``Int8Head``, in blocks), so the 49152x576 table of SmolLM2 (a fifth of its weights) is stored once, in int8.
 
 Where fbgemm's int8 lost perplexity (SmolLM2-135M, 1024 pydoc tokens in windows of 512, fp32
-14.253; one-off scripts, 2026-12-02): PyTorch's dynamic Linear as it is (one activation scale per
+14.253; benchmarks/quant_int8_variants.py and one-off scripts, 2026-12-02): PyTorch's dynamic Linear as it is (one activation scale per
 input) 32.306; per-tensor weights 35.346; its down_proj in fp32 16.796; one scale per token
 15.264; per token with q/k/v in fp32 14.590 (the attention input has channels 9-28x the median
 channel); per token with outlier features apart (this module) 14.328. torchao's
