@@ -24,15 +24,17 @@ model is never resident. ``quantize`` does the same to a model already in memory
 
 In every method the token embedding becomes one int8 table (torchao ``Int8Tensor``, a scale
 per row); a tied output head (SmolLM2, Llama 3.2) uses that same table as an int8 weight-only
-linear (on CPU ``Int8Head``, in blocks), so the 49152x576 table of SmolLM2 (a fifth of its weights) is stored once, in int8.
+linear (on CPU ``Int8Head``, in blocks), so the 49152x576 table of SmolLM2 (a fifth of its
+weights) is stored once, in int8.
 
 Where fbgemm's int8 lost perplexity (SmolLM2-135M, 1024 pydoc tokens in windows of 512, fp32
-14.253; benchmarks/quant_int8_variants.py and one-off scripts, 2026-12-02): PyTorch's dynamic Linear as it is (one activation scale per
-input) 32.306; per-tensor weights 35.346; its down_proj in fp32 16.796; one scale per token
-15.264; per token with q/k/v in fp32 14.590 (the attention input has channels 9-28x the median
-channel); per token with outlier features apart (this module) 14.328. torchao's
+14.253; benchmarks/quant_int8_variants.py and one-off scripts, 2026-12-02): PyTorch's dynamic
+Linear as it is (one activation scale per input) 32.306; per-tensor weights 35.346; its
+down_proj in fp32 16.796; one scale per token 15.264; per token with q/k/v in fp32 14.590 (the
+attention input has channels 9-28x the median channel); per token with outlier features apart
+(this module) 14.328. torchao's
 Int8DynamicActivationInt8WeightConfig: 15.010, but its run took 347 s to fp32's 23 s
-(CPU ``_int_mm`` is ~50x slower than an fp32 matmul here).
+(CPU ``torch._int_mm`` was 13-66x slower than fp32 ``F.linear`` at 576x1536 here).
 Memory: a packed fbgemm matrix of 576 input features takes 1.8x its int8 bytes here (1.6 MB RSS
 per 576x1536 layer, measured), so ``int8`` here holds ~38 MiB more than torchao's weight-only.
 Sweep numbers: benchmarks/RESULTS.md.
@@ -62,7 +64,7 @@ METHODS: tuple[str, ...] = ("none", "int8", "int8-dynamic", "int4")
 INT4_GROUP = 64
 # An activation above OUTLIER x its row's mean |x| is an outlier feature (int8-dynamic). The
 # 6 of LLM.int8() (Dettmers et al. 2022) is an absolute value for their models; relative to the
-# row it is scale-free. SmolLM2's attention inputs have channels 10-28x the median (measured).
+# row it is scale-free. SmolLM2's attention inputs have channels 9-28x the median (measured).
 OUTLIER = 6.0
 _FIX = "pip install 'lmforge[quant]'"
 
