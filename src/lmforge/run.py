@@ -191,7 +191,7 @@ class Placement:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights and KV cache precision: auto = bf16 on cuda, fp32 on cpu."""
     quant: Quant = "none"
-    """Decoder weights in int8 or int4 (torchao, quantized while loading; int8-dynamic: CPU + fp32 only, faster there but less accurate); see lmforge.infer.quant. Needs pip install 'lmforge[quant]'."""
+    """Decoder weights in int8 or int4, quantized while loading. int8 on an x86 CPU in fp32: fbgemm's int8 GEMM with activations quantized per token (faster than fp32 there); elsewhere torchao int8 weight-only. int4: torchao weight-only. int8-dynamic: int8's CPU path by name (CPU + fp32 only). See lmforge.infer.quant. Needs pip install 'lmforge[quant]'."""
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
