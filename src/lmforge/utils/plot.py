@@ -11,7 +11,6 @@ from lmforge.utils.io import atomic_write_bytes
 def plot_loss_curve(records: list[dict[str, Any]], out: Path, title: str = "",
                     baseline: float | None = None) -> None:
     """Train loss (per log step) and val loss (per eval) against tokens seen."""
-    import io
 
     import matplotlib
 
@@ -34,11 +33,7 @@ def plot_loss_curve(records: list[dict[str, Any]], out: Path, title: str = "",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    _save_png(fig, out)
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -47,7 +42,6 @@ def _numeric(values: list[Any]) -> bool:
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     """Val loss against the first option, one line per value of the second (atomic PNG)."""
-    import io
 
     import matplotlib
 
@@ -76,6 +70,15 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     if len(keys) > 1:
         ax.legend()
+    _save_png(fig, out)
+
+
+def _save_png(fig: Any, out: Path) -> None:
+    """Write a finished figure as PNG atomically and free it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
